@@ -1,0 +1,87 @@
+"""The `glm-ray` command line."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
+    return value
+
+
+def _model_dir(args) -> Path:
+    from glm_ray.model.default import default_model_dir
+
+    if args.model is None:
+        return default_model_dir()
+    path = Path(args.model)
+    if not (path / "config.json").is_file():
+        raise SystemExit(f"glm-ray: error: --model {args.model}: no config.json there (build one with "
+                         "`glm-ray make-model --out DIR`)")
+    return path
+
+
+def cmd_make_model(args) -> int:
+    from glm_ray.model.synthetic import make_model
+
+    out = make_model(args.out, args.preset, seed=args.seed, dtype=args.dtype, shards=args.shards)
+    print(f"wrote {args.preset} model (seed {args.seed}) to {out}")
+    return 0
+
+
+def cmd_generate(args) -> int:
+    from glm_ray.config import ConfigError
+    from glm_ray.model.loader import CheckpointError, load_model
+    from glm_ray.model.reference import greedy_generate
+    from glm_ray.tokenizer import Tokenizer
+
+    model_dir = _model_dir(args)
+    try:
+        model, experts, config = load_model(model_dir, dtype=args.dtype)
+    except (ConfigError, CheckpointError) as e:
+        raise SystemExit(f"glm-ray: error: {e}") from None
+    tokenizer = Tokenizer.from_pretrained(model_dir)
+    prompt_ids = tokenizer.encode(args.prompt)
+    if not prompt_ids:
+        raise SystemExit("glm-ray: error: the prompt is empty")
+    out = greedy_generate(model, experts, [prompt_ids], args.max_tokens, config.eos_token_ids)[0]
+    print(args.prompt + tokenizer.decode(out))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="glm-ray", description="Serve GLM-4.5 / GLM-4.6 MoE models on Ray.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("make-model", help="write a deterministic GLM-4 MoE checkpoint directory")
+    p.add_argument("--preset", choices=["tiny", "small"], default="tiny")
+    p.add_argument("--out", required=True, help="directory to write (replaced if it exists)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    p.add_argument("--shards", type=_positive_int, default=1, help="number of safetensors files")
+    p.set_defaults(func=cmd_make_model)
+
+    p = sub.add_parser("generate", help="generate a continuation in-process (greedy)")
+    p.add_argument("prompt")
+    p.add_argument("--model", default=None, help="checkpoint directory (default: the built-in tiny model)")
+    p.add_argument("--max-tokens", type=_positive_int, default=32)
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto")
+    p.set_defaults(func=cmd_generate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

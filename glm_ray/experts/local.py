@@ -1,0 +1,85 @@
+"""Routed experts computed in-process, batched per layer.
+
+Pairs (token, expert) are sorted by expert so each active expert runs one matmul over all of its
+tokens; there is no per-token Python loop. `reference_moe` beside it is the plain definition a test
+holds it equal to. Legend: T tokens, K top-k, P = T*K pairs, E experts held, H hidden, I expert width.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+import torch.nn.functional as F
+
+from glm_ray.experts.backend import ExpertBackend
+
+
+class ExpertWeights:
+    """One MoE layer's experts held here: w13 [E, 2I, H] (gate rows then up rows), w2 [E, H, I]."""
+
+    def __init__(self, expert_ids: Iterable[int], w13: torch.Tensor, w2: torch.Tensor, num_experts: int):
+        self.expert_ids = list(expert_ids)
+        self.w13, self.w2 = w13, w2
+        # global id -> local slot, -1 where the expert lives elsewhere
+        self.slot = torch.full((num_experts,), -1, dtype=torch.long)
+        self.slot[torch.tensor(self.expert_ids, dtype=torch.long)] = torch.arange(len(self.expert_ids))
+
+    def numel(self) -> int:
+        return self.w13.numel() + self.w2.numel()
+
+
+def grouped_swiglu(hidden_states: torch.Tensor, local_ids: torch.Tensor, weights: torch.Tensor,
+                   w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
+    """hidden_states [T, H]; local_ids/weights [T, K] (slots into w13/w2; -1 = skip) -> [T, H] in fp32."""
+    t, k = local_ids.shape
+    out = torch.zeros(t, hidden_states.shape[1], dtype=torch.float32, device=hidden_states.device)
+    flat_ids = local_ids.reshape(-1)  # [P]
+    order = torch.argsort(flat_ids, stable=True)
+    sorted_ids = flat_ids[order]
+    counts = torch.bincount(sorted_ids[sorted_ids >= 0], minlength=w13.shape[0]).tolist()
+    token_of_pair = order // k
+    weight_of_pair = weights.reshape(-1)[order]
+    start = int((sorted_ids < 0).sum())  # skipped pairs sort first
+    for slot, n in enumerate(counts):
+        if n == 0:
+            continue
+        tokens = token_of_pair[start:start + n]
+        x = hidden_states[tokens]  # [n, H]
+        gate, up = F.linear(x, w13[slot]).chunk(2, dim=-1)
+        y = F.linear(F.silu(gate) * up, w2[slot])  # [n, H]
+        out.index_add_(0, tokens, y.float() * weight_of_pair[start:start + n, None])
+        start += n
+    return out
+
+
+def reference_moe(hidden_states, topk_ids, topk_weights, experts: dict[int, tuple[torch.Tensor, torch.Tensor]]):
+    """The definition, one (token, k) pair at a time: for tests only."""
+    out = torch.zeros(hidden_states.shape, dtype=torch.float32)
+    for t in range(hidden_states.shape[0]):
+        for k in range(topk_ids.shape[1]):
+            e = int(topk_ids[t, k])
+            if e not in experts:
+                continue
+            w13, w2 = experts[e]
+            gate, up = (w13 @ hidden_states[t]).chunk(2)
+            out[t] += topk_weights[t, k] * (w2 @ (F.silu(gate) * up)).float()
+    return out
+
+
+class LocalExperts(ExpertBackend):
+    """All (or a chosen subset of) routed experts of every MoE layer, in this process."""
+
+    def __init__(self, layers: dict[int, ExpertWeights]):
+        self.layers = layers
+
+    def forward(self, layer, hidden_states, topk_ids, topk_weights):
+        return self.partial_forward(layer, hidden_states, topk_ids, topk_weights).to(hidden_states.dtype)
+
+    def partial_forward(self, layer, hidden_states, topk_ids, topk_weights) -> torch.Tensor:
+        """The fp32 weighted sum over the experts held here; pairs for other experts contribute 0."""
+        held = self.layers[layer]
+        return grouped_swiglu(hidden_states, held.slot[topk_ids], topk_weights, held.w13, held.w2)
+
+    def numel(self) -> int:
+        return sum(w.numel() for w in self.layers.values())

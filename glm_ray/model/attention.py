@@ -1,0 +1,74 @@
+"""GQA self-attention with q/k/v bias, optional per-head q/k RMSNorm and partial RoPE (glm-spec §3.2).
+
+The module projects, normalises and rotates; *where* keys and values live is the business of an
+`AttentionBackend` passed in at call time (a contiguous reference cache, or the engine's paged cache).
+Legend: T tokens in the step, D head_dim.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from glm_ray.config import ModelConfig
+from glm_ray.model.layers import RMSNorm, RotaryEmbedding
+
+
+class AttentionBackend(Protocol):
+    """Stores this step's k/v and attends each query to its own sequence's keys, causally."""
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+        """q: [T, Hq, D], k/v: [T, Hkv, D] for the step's tokens -> [T, Hq, D]."""
+        ...
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """One sequence: q [Tq, Hq, D] are the last Tq positions of k/v [Tk, Hkv, D] -> [Tq, Hq, D]."""
+    tq, tk = q.shape[0], k.shape[0]
+    mask = None
+    if tq > 1:
+        # query i sits at absolute position tk - tq + i and sees keys up to it
+        rows = torch.arange(tq, device=q.device)[:, None] + (tk - tq)
+        mask = torch.arange(tk, device=q.device)[None, :] <= rows  # [Tq, Tk]
+    out = F.scaled_dot_product_attention(
+        q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
+        attn_mask=mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1],
+    )
+    return out.transpose(0, 1)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig, layer: int):
+        super().__init__()
+        self.layer = layer
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        self.q_size, self.kv_size = config.q_size, config.kv_size
+        self.scale = self.head_dim**-0.5
+        self.qkv_proj = nn.Linear(config.hidden_size, self.q_size + 2 * self.kv_size, bias=config.attention_bias)
+        self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=False)
+        self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if config.use_qk_norm else None
+        self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if config.use_qk_norm else None
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        cos_sin: tuple[torch.Tensor, torch.Tensor],
+        rotary: RotaryEmbedding,
+        backend: AttentionBackend,
+    ) -> torch.Tensor:
+        t = hidden_states.shape[0]
+        q, k, v = self.qkv_proj(hidden_states).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.view(t, self.num_heads, self.head_dim)
+        k = k.view(t, self.num_kv_heads, self.head_dim)
+        v = v.view(t, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:  # per head, after bias, before RoPE
+            q, k = self.q_norm(q), self.k_norm(k)
+        cos, sin = cos_sin
+        q, k = rotary(q, cos, sin), rotary(k, cos, sin)
+        out = backend.attend(self.layer, q, k, v, self.scale)  # [T, Hq, D]
+        return self.o_proj(out.reshape(t, self.q_size))

@@ -1,0 +1,100 @@
+"""The batched expert path and the router, each held equal to a plain one-token-at-a-time definition."""
+
+import pytest
+import torch
+
+from glm_ray.experts.local import ExpertWeights, LocalExperts, reference_moe
+from glm_ray.model.moe import route
+
+T, H, I, E, K = 37, 16, 8, 6, 3
+
+
+def random_experts(seed=0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    w13 = torch.randn(E, 2 * I, H, generator=g).to(dtype)
+    w2 = torch.randn(E, H, I, generator=g).to(dtype)
+    return w13, w2
+
+
+def random_routing(seed=1):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(T, H, generator=g)
+    ids = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(T)])
+    weights = torch.rand(T, K, generator=g)
+    return x, ids, weights
+
+
+def test_batched_experts_equal_the_per_pair_definition():
+    w13, w2 = random_experts()
+    x, ids, weights = random_routing()
+    backend = LocalExperts({3: ExpertWeights(range(E), w13, w2, E)})
+    want = reference_moe(x, ids, weights, {e: (w13[e], w2[e]) for e in range(E)})
+    got = backend.forward(3, x, ids, weights)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_expert_subsets_sum_to_the_whole():
+    """Two holders of disjoint expert subsets (as two expert groups would be) add up to all experts."""
+    w13, w2 = random_experts()
+    x, ids, weights = random_routing()
+    whole = LocalExperts({1: ExpertWeights(range(E), w13, w2, E)}).partial_forward(1, x, ids, weights)
+    a_ids, b_ids = [0, 1, 2, 3], [4, 5]
+    a = LocalExperts({1: ExpertWeights(a_ids, w13[a_ids], w2[a_ids], E)}).partial_forward(1, x, ids, weights)
+    b = LocalExperts({1: ExpertWeights(b_ids, w13[b_ids], w2[b_ids], E)}).partial_forward(1, x, ids, weights)
+    assert a.abs().sum() > 0 and b.abs().sum() > 0
+    torch.testing.assert_close(a + b, whole, rtol=1e-5, atol=1e-5)
+
+
+def test_tokens_routed_nowhere_here_get_zero():
+    w13, w2 = random_experts()
+    x, _, weights = random_routing()
+    ids = torch.full((T, K), 5)
+    held = LocalExperts({0: ExpertWeights([0, 1], w13[:2], w2[:2], E)})
+    assert torch.count_nonzero(held.partial_forward(0, x, ids, weights)) == 0
+
+
+def naive_route(logits, bias, k, n_group, topk_group, norm, rsf):
+    """glm-spec §3.4, one token at a time with Python lists."""
+    ids_out, w_out = [], []
+    e = logits.shape[1]
+    per = e // n_group
+    for row in range(logits.shape[0]):
+        s = [1 / (1 + torch.exp(-logits[row, j]).item()) for j in range(e)]
+        sel = [s[j] + bias[j].item() for j in range(e)]
+        groups = [sum(sorted(sel[g * per:(g + 1) * per], reverse=True)[:2]) for g in range(n_group)]
+        kept = sorted(range(n_group), key=lambda g: -groups[g])[:topk_group]
+        cand = [j for j in range(e) if j // per in kept]
+        chosen = sorted(cand, key=lambda j: -sel[j])[:k]
+        w = [s[j] for j in chosen]
+        if norm:
+            total = sum(w) + 1e-20
+            w = [x / total for x in w]
+        ids_out.append(chosen)
+        w_out.append([x * rsf for x in w])
+    return ids_out, w_out
+
+
+@pytest.mark.parametrize("n_group, topk_group, k, norm, rsf", [
+    (1, 1, 4, True, 2.5), (4, 2, 3, True, 1.0), (2, 1, 1, False, 1.0), (8, 3, 5, False, 2.5),
+])
+def test_router_matches_the_spec(n_group, topk_group, k, norm, rsf):
+    g = torch.Generator().manual_seed(7)
+    logits = torch.randn(20, 16, generator=g)
+    bias = 0.3 * torch.randn(16, generator=g)
+    ids, weights = route(logits, bias, top_k=k, n_group=n_group, topk_group=topk_group,
+                         norm_topk_prob=norm, routed_scaling_factor=rsf)
+    want_ids, want_w = naive_route(logits, bias, k, n_group, topk_group, norm, rsf)
+    for row in range(20):
+        order = torch.argsort(ids[row])
+        assert ids[row][order].tolist() == sorted(want_ids[row])
+        by_id = dict(zip(want_ids[row], want_w[row]))
+        assert weights[row][order].tolist() == pytest.approx([by_id[i] for i in sorted(by_id)], rel=1e-5)
+
+
+def test_bias_chooses_but_does_not_weight():
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]])
+    bias = torch.tensor([0.0, 0.0, 0.0, 5.0])  # pushes expert 3 into the top-1
+    ids, weights = route(logits, bias, top_k=1, n_group=1, topk_group=1, norm_topk_prob=False,
+                         routed_scaling_factor=1.0)
+    assert ids.tolist() == [[3]]
+    assert weights.item() == pytest.approx(torch.sigmoid(torch.tensor(-1.0)).item())
