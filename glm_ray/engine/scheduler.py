@@ -246,7 +246,7 @@ class Scheduler:
         Uses free blocks only, never preempts. Returns the chunk size, 0 if nothing fits.
         """
         bm = self.block_manager
-        prefix = bm.match_prefix(seq)
+        prefix = bm.match_prefix(seq) if seq.cache_prefix else []
         num_cached = len(prefix) * self.config.block_size
         n = self._chunk_size(len(seq.token_ids) - num_cached, budget)
         # The prefix's unreferenced blocks stop being free once taken.

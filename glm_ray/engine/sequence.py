@@ -34,6 +34,7 @@ class Sequence:
         self.num_prompt_tokens = len(self.token_ids)
         self.max_tokens = max_tokens
         self.sampling_params = sampling_params  # opaque to the scheduler; for the engine
+        self.cache_prefix = True  # False: never reuse cached blocks (every position is computed)
         self.num_computed_tokens = 0
         self.num_cached_tokens = 0  # prefix-cache hit on the latest admission
         self.block_table: list[int] = []  # physical block ids, one per block_size positions

@@ -1,0 +1,136 @@
+"""The engine for servers: many concurrent request streams over one background step loop.
+
+The loop runs in its own thread (a step is blocking torch work and must not stall the event
+loop); requests and aborts reach it through a queue, deltas come back to each request's
+asyncio queue on the caller's loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import threading
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+from glm_ray.engine.config import EngineOptions
+from glm_ray.engine.llm_engine import LLMEngine
+from glm_ray.engine.outputs import RequestDelta
+from glm_ray.engine.sampling_params import SamplingParams
+from glm_ray.experts.backend import ExpertBackend
+
+
+class EngineDeadError(RuntimeError):
+    """The step loop has stopped; the request cannot complete."""
+
+
+class AsyncLLMEngine:
+    def __init__(self, model: str | Path, options: EngineOptions | None = None, experts: ExpertBackend | None = None):
+        self.engine = LLMEngine(model, options, experts)
+        self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stopped = False
+        self._thread = threading.Thread(target=self._loop, name="glm-ray-engine", daemon=True)
+        self._thread.start()
+
+    @property
+    def tokenizer(self):
+        return self.engine.tokenizer
+
+    async def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                       prompt: str | None = None) -> AsyncIterator[RequestDelta]:
+        """Stream the request's deltas; the last one has a finish_reason. Invalid requests raise
+        ValueError before anything is streamed. Leaving the iterator early aborts the request."""
+        self.engine.validate(prompt_token_ids, params)
+        if self._stopped:
+            raise EngineDeadError("the engine is shut down")
+        stream: asyncio.Queue = asyncio.Queue()
+        with self._lock:
+            if request_id in self._streams:
+                raise ValueError(f"request id {request_id!r} is already running")
+            self._streams[request_id] = (asyncio.get_running_loop(), stream)
+        self._commands.put(("add", request_id, prompt_token_ids, params, prompt))
+        self._wake.set()
+        finished = False
+        try:
+            while True:
+                item = await stream.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if item.finished:
+                    finished = True
+                    return
+        finally:
+            if not finished:
+                self.abort(request_id)
+
+    def abort(self, request_id: str) -> None:
+        with self._lock:
+            self._streams.pop(request_id, None)
+        self._commands.put(("abort", request_id))
+        self._wake.set()
+
+    def shutdown(self) -> None:
+        self._stopped = True
+        self._wake.set()
+        self._thread.join(timeout=10)
+
+    def num_running(self) -> int:
+        with self._lock:
+            return len(self._streams)
+
+    # --- the engine thread ------------------------------------------------------------------
+
+    def _deliver(self, request_id: str, item) -> None:
+        with self._lock:
+            target = self._streams.get(request_id)
+            if target is not None and (not isinstance(item, RequestDelta) or item.finished):
+                self._streams.pop(request_id, None)
+        if target is not None:
+            loop, stream = target
+            loop.call_soon_threadsafe(stream.put_nowait, item)
+
+    def _drain_commands(self) -> None:
+        while True:
+            try:
+                cmd = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            if cmd[0] == "abort":
+                self.engine.abort(cmd[1])
+                continue
+            _, request_id, ids, params, prompt = cmd
+            with self._lock:
+                wanted = request_id in self._streams  # aborted before it was added
+            if not wanted:
+                continue
+            try:
+                self.engine.add_request(request_id, ids, params, prompt)
+            except ValueError as e:
+                self._deliver(request_id, e)
+
+    def _loop(self) -> None:
+        while not self._stopped:
+            self._drain_commands()
+            if not self.engine.has_unfinished():
+                self._wake.wait(timeout=0.5)
+                self._wake.clear()
+                continue
+            try:
+                deltas = self.engine.step()
+            except Exception as e:  # fail the running requests, keep serving new ones
+                for request_id in list(self.engine.requests):
+                    self.engine.abort(request_id)
+                    self._deliver(request_id, EngineStepError(f"engine step failed: {e!r}"))
+                continue
+            for delta in deltas:
+                self._deliver(delta.request_id, delta)
+        for request_id in list(self._streams):
+            self._deliver(request_id, EngineDeadError("the engine was shut down"))
+
+
+class EngineStepError(RuntimeError):
+    """A step failed (e.g. an expert backend error); the affected requests fail, the engine goes on."""

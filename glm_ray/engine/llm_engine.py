@@ -1,0 +1,150 @@
+"""The engine: requests in, token deltas out, one `step()` at a time.
+
+`step()` is schedule -> run -> postprocess. It owns the paged KV cache, scheduler, model and
+sampler; routed experts come from whichever `ExpertBackend` it is given (in-process by default).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+
+from glm_ray.config import load_model_config
+from glm_ray.engine.config import EngineLimits, EngineOptions
+from glm_ray.engine.kv_cache import PagedKVCache, kv_bytes_per_token
+from glm_ray.engine.model_runner import ModelRunner
+from glm_ray.engine.outputs import RequestDelta
+from glm_ray.engine.request import Request
+from glm_ray.engine.sampler import Sampler, prompt_logprobs
+from glm_ray.engine.sampling_params import SamplingParams
+from glm_ray.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
+from glm_ray.experts.backend import ExpertBackend
+from glm_ray.experts.local import LocalExperts
+from glm_ray.model.glm4_moe import Glm4MoeModel
+from glm_ray.model.loader import load_weights, resolve_dtype
+from glm_ray.tokenizer import Tokenizer
+
+
+def build_model(model_dir: Path, config, dtype: torch.dtype, with_experts: bool):
+    """The non-expert model, plus LocalExperts when this process holds the routed experts."""
+    weights = load_weights(model_dir, config, dtype=dtype, expert_ids=None if with_experts else [])
+    with torch.device("meta"):
+        model = Glm4MoeModel(config)
+    model.load_state_dict(weights.dense, strict=True, assign=True)
+    model.rotary = type(model.rotary)(config.rotary_dim, config.rope_theta)
+    return model.eval(), (LocalExperts(weights.experts) if with_experts else None)
+
+
+class LLMEngine:
+    def __init__(self, model: str | Path, options: EngineOptions | None = None, experts: ExpertBackend | None = None):
+        self.model_dir = Path(model)
+        self.options = options or EngineOptions()
+        self.model_config = load_model_config(self.model_dir)
+        self.dtype = resolve_dtype(self.options.dtype, self.model_config)
+        self.tokenizer = Tokenizer.from_pretrained(self.model_dir)
+        self.model, local = build_model(self.model_dir, self.model_config, self.dtype, experts is None)
+        self.experts = experts or local
+        self.limits = EngineLimits.resolve(self.options, self.model_config,
+                                           kv_bytes_per_token(self.model_config, self.dtype))
+        o = self.options
+        self.scheduler = Scheduler(SchedulerConfig(
+            o.max_num_seqs, o.max_num_batched_tokens, o.block_size, self.limits.num_kv_blocks,
+            o.enable_prefix_caching, o.long_prefill_token_threshold))
+        self.cache = PagedKVCache(self.model_config, self.limits.num_kv_blocks, o.block_size, self.dtype)
+        sampler = Sampler(self.model_config.eos_token_ids, torch.Generator().manual_seed(o.seed))
+        self.runner = ModelRunner(self.model, self.experts, self.cache, sampler)
+        self.requests: dict[str, Request] = {}
+
+    # --- requests -------------------------------------------------------------------------------
+
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                    prompt: str | None = None) -> Request:
+        self.validate(prompt_token_ids, params)
+        if request_id in self.requests:
+            raise ValueError(f"request id {request_id!r} is already running")
+        req = Request(request_id, prompt_token_ids, params, self.tokenizer, self.model_config.eos_token_ids, prompt)
+        self.scheduler.add(req.seq)
+        self.requests[request_id] = req
+        return req
+
+    def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        """Raise ValueError naming the limit a request breaks."""
+        if not prompt_token_ids:
+            raise ValueError("the prompt is empty: pass at least one token")
+        vocab = self.model_config.vocab_size
+        bad = [t for t in prompt_token_ids if not isinstance(t, int) or not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"prompt token id {bad[0]!r} is outside the vocabulary [0, {vocab})")
+        if params.max_tokens > self.limits.max_output_tokens:
+            raise ValueError(f"max_tokens {params.max_tokens} exceeds the output limit "
+                             f"{self.limits.max_output_tokens}")
+        total = len(prompt_token_ids) + params.max_tokens
+        if total > self.limits.max_model_len:
+            raise ValueError(f"prompt ({len(prompt_token_ids)} tokens) + max_tokens ({params.max_tokens}) = {total} "
+                             f"exceeds max_model_len {self.limits.max_model_len}")
+
+    def abort(self, request_id: str) -> bool:
+        req = self.requests.pop(request_id, None)
+        if req is None:
+            return False
+        self.scheduler.abort(request_id)
+        req.finish("abort")
+        return True
+
+    def has_unfinished(self) -> bool:
+        return bool(self.requests)
+
+    # --- one step -------------------------------------------------------------------------------
+
+    def step(self) -> list[RequestDelta]:
+        out = self.scheduler.schedule()
+        result = self.runner.run(out.chunks, self.requests) if out.chunks else None
+        self.scheduler.finish_step(out)
+        return self._postprocess(out, result)
+
+    def _postprocess(self, out: SchedulerOutput, result) -> list[RequestDelta]:
+        deltas = []
+        now = time.monotonic()
+        for seq_id in out.preempted_seq_ids:  # recompute restarts the prompt from position 0
+            if seq_id in self.requests:
+                self.requests[seq_id].prompt_logprob_rows = []
+        for chunk in out.chunks:
+            req = self.requests.get(chunk.seq.seq_id)
+            if req is None:
+                continue
+            if req.metrics.first_scheduled_time is None:
+                req.metrics.first_scheduled_time = now
+                req.metrics.num_cached_tokens = chunk.start
+            prompt_lp = self._prompt_logprobs(req, result.prompt_logits.get(req.request_id), chunk)
+            if not chunk.sample:
+                if prompt_lp is not None:
+                    deltas.append(req.delta([], None, prompt_lp))
+                continue
+            token = result.sampled[req.request_id]
+            length_done = self.scheduler.append_token(chunk.seq, token)
+            delta = req.add_token(token, result.logprobs[req.request_id], length_done)
+            delta.prompt_logprobs = prompt_lp
+            if req.finish_reason is not None:
+                if not length_done:
+                    self.scheduler.finish(req.request_id, req.finish_reason)
+                del self.requests[req.request_id]
+            deltas.append(delta)
+        return deltas
+
+    @staticmethod
+    def _prompt_logprobs(req: Request, logits, chunk):
+        """Collect prompt-position logits chunk by chunk; convert once the prompt is complete."""
+        if logits is None:
+            return None
+        req.prompt_logprob_rows.append(logits)
+        if chunk.end < chunk.seq.num_prompt_tokens:
+            return None
+        rows = torch.cat(req.prompt_logprob_rows)
+        req.prompt_logprob_rows = []
+        req.prompt_logprobs = prompt_logprobs(rows, req.prompt_token_ids, req.sampling_params.prompt_logprobs)
+        for entry in req.prompt_logprobs[1:]:
+            for tid, lp in entry.items():
+                lp.decoded_token = req.tokenizer.decode([tid], skip_special_tokens=False)
+        return req.prompt_logprobs

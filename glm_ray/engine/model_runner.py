@@ -1,0 +1,58 @@
+"""Runs one scheduled step: flat inputs from the chunks, one forward, logits where needed, sampling.
+
+Legend: T step tokens, S sampled rows, V vocab.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from glm_ray.engine.kv_cache import PagedAttention, PagedKVCache, StepChunk
+from glm_ray.engine.sampler import Logprob, Sampler
+from glm_ray.engine.scheduler import ScheduledChunk
+from glm_ray.experts.backend import ExpertBackend
+from glm_ray.model.glm4_moe import Glm4MoeModel
+
+
+@dataclass
+class StepResult:
+    sampled: dict[str, int]  # request id -> new token
+    logprobs: dict[str, dict[int, Logprob] | None]
+    prompt_logits: dict[str, torch.Tensor]  # request id -> fp32 logits of this chunk's prompt positions
+
+
+class ModelRunner:
+    def __init__(self, model: Glm4MoeModel, experts: ExpertBackend, cache: PagedKVCache, sampler: Sampler):
+        self.model, self.experts, self.cache, self.sampler = model, experts, cache, sampler
+
+    @torch.inference_mode()
+    def run(self, chunks: list[ScheduledChunk], requests: dict) -> StepResult:
+        ids, positions, step_chunks = [], [], []
+        offset = 0
+        for c in chunks:
+            ids.extend(c.token_ids)
+            positions.append(torch.arange(c.start, c.end))
+            step_chunks.append(StepChunk(offset, c.num_tokens, self.cache.slots(c.seq.block_table, c.end)))
+            offset += c.num_tokens
+        attn = PagedAttention(self.cache, step_chunks)
+        hidden = self.model(torch.tensor(ids, dtype=torch.long), torch.cat(positions), attn, self.experts)  # [T, H]
+
+        prompt_logits = {}
+        for c, sc in zip(chunks, step_chunks):
+            req = requests[c.seq.seq_id]
+            n_prompt = min(c.end, c.seq.num_prompt_tokens) - c.start  # prompt positions in this chunk
+            if req.wants_prompt_logprobs and n_prompt > 0:
+                prompt_logits[req.request_id] = self.model.compute_logits(hidden[sc.offset:sc.offset + n_prompt])
+
+        sampling = [(c, sc) for c, sc in zip(chunks, step_chunks) if c.sample]
+        if not sampling:
+            return StepResult({}, {}, prompt_logits)
+        rows = torch.tensor([sc.offset + sc.num_tokens - 1 for _, sc in sampling])
+        logits = self.model.compute_logits(hidden[rows])  # [S, V]
+        reqs = [requests[c.seq.seq_id] for c, _ in sampling]
+        out = self.sampler(logits, reqs)
+        tokens = out.sampled_token_ids.tolist()
+        return StepResult({r.request_id: t for r, t in zip(reqs, tokens)},
+                          {r.request_id: lp for r, lp in zip(reqs, out.logprobs)}, prompt_logits)

@@ -1,0 +1,163 @@
+"""What a user of LLM / AsyncLLMEngine notices: stops, limits, errors, text, streaming, abort."""
+
+import asyncio
+
+import pytest
+import torch
+
+from glm_ray import LLM, SamplingParams
+from glm_ray.engine.async_engine import AsyncLLMEngine
+from glm_ray.engine.config import EngineOptions
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_model_dir):
+    return LLM(tiny_model_dir, dtype="float32")
+
+
+def prompt(n=10, seed=0):
+    return {"prompt_token_ids": torch.randint(0, 1000, (n,), generator=torch.Generator().manual_seed(seed)).tolist()}
+
+
+def greedy(**kw):
+    return SamplingParams(temperature=0.0, **kw)
+
+
+def test_max_tokens_finishes_with_length(llm):
+    out = llm.generate(prompt(), greedy(max_tokens=7, ignore_eos=True))[0].outputs[0]
+    assert len(out.token_ids) == 7 and out.finish_reason == "length"
+    assert out.text == llm.tokenizer.decode(out.token_ids)
+
+
+def test_stop_token_ids_and_eos(llm):
+    full = llm.generate(prompt(), greedy(max_tokens=20, ignore_eos=True))[0].outputs[0].token_ids
+    stop_at = full[5]
+    first = full.index(stop_at)
+    out = llm.generate(prompt(), greedy(max_tokens=20, stop_token_ids=[stop_at], ignore_eos=True))[0].outputs[0]
+    assert out.token_ids == full[:first + 1] and out.finish_reason == "stop" and out.stop_reason == stop_at
+    assert out.text == llm.tokenizer.decode(full[:first])  # the stop token's text is not output
+
+
+def test_eos_from_generation_config(llm, tiny_model_dir, tmp_path):
+    """A checkpoint whose generation_config.json lists an EOS id the model produces stops there."""
+    import json
+    import shutil
+
+    full = llm.generate(prompt(), greedy(max_tokens=20, ignore_eos=True))[0].outputs[0].token_ids
+    d = tmp_path / "m"
+    shutil.copytree(tiny_model_dir, d)
+    gen = json.loads((d / "generation_config.json").read_text())
+    gen["eos_token_id"] = gen["eos_token_id"] + [full[4]]
+    (d / "generation_config.json").write_text(json.dumps(gen))
+    eos_llm = LLM(d, dtype="float32")
+    out = eos_llm.generate(prompt(), greedy(max_tokens=20))[0].outputs[0]
+    first = full.index(full[4])
+    assert out.token_ids == full[:first + 1] and out.finish_reason == "stop" and out.stop_reason is None
+    ignoring = eos_llm.generate(prompt(), greedy(max_tokens=20, ignore_eos=True))[0].outputs[0]
+    assert ignoring.token_ids == full and ignoring.finish_reason == "length"
+
+
+def test_min_tokens_holds_off_a_stop_token(llm):
+    full = llm.generate(prompt(), greedy(max_tokens=12, ignore_eos=True))[0].outputs[0].token_ids
+    out = llm.generate(prompt(), greedy(max_tokens=12, min_tokens=12, stop_token_ids=[full[0]],
+                                        ignore_eos=True))[0].outputs[0]
+    assert len(out.token_ids) == 12
+
+
+def test_stop_string_across_tokens_cuts_the_text(llm):
+    full = llm.generate(prompt(seed=3), greedy(max_tokens=30, ignore_eos=True))[0].outputs[0]
+    text = full.text
+    # a stop string spanning the boundary between two tokens' texts
+    pieces = [llm.tokenizer.decode(full.token_ids[:i]) for i in range(1, len(full.token_ids))]
+    boundary = next(len(p) for p in pieces[3:] if 0 < len(p) < len(text) - 2 and p == text[:len(p)])
+    stop = text[boundary - 1:boundary + 2]
+    assert "\ufffd" not in stop
+    out = llm.generate(prompt(seed=3), greedy(max_tokens=30, ignore_eos=True, stop=[stop]))[0].outputs[0]
+    assert out.finish_reason == "stop" and out.stop_reason == stop
+    assert out.text == text[:text.index(stop)]
+
+
+def test_limits_are_errors_naming_both_numbers(tiny_model_dir):
+    llm = LLM(tiny_model_dir, dtype="float32", max_model_len=64, max_output_tokens=40)
+    with pytest.raises(ValueError, match=r"prompt \(30 tokens\) \+ max_tokens \(35\) = 65 exceeds max_model_len 64"):
+        llm.generate(prompt(30), greedy(max_tokens=35))
+    with pytest.raises(ValueError, match="max_tokens 41 exceeds the output limit 40"):
+        llm.generate(prompt(3), greedy(max_tokens=41))
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        llm.generate({"prompt_token_ids": [5, 1024]}, greedy(max_tokens=1))
+    with pytest.raises(ValueError, match="prompt is empty"):
+        llm.generate({"prompt_token_ids": []}, greedy(max_tokens=1))
+    assert not llm.engine.has_unfinished()  # nothing half-started
+    assert len(llm.generate(prompt(3), greedy(max_tokens=2))[0].outputs[0].token_ids) <= 2
+
+
+def test_model_limits_default_to_glm46_values(llm):
+    assert llm.engine.limits.max_model_len == 202752
+    assert llm.engine.limits.max_output_tokens == 131072
+
+
+def test_unknown_or_bad_engine_options(tiny_model_dir):
+    with pytest.raises(ValueError, match="unknown engine option.*max_num_seq\\b"):
+        LLM(tiny_model_dir, max_num_seq=4)
+    with pytest.raises(ValueError, match="max_num_seqs must be an integer >= 1, got 0"):
+        EngineOptions(max_num_seqs=0)
+    with pytest.raises(ValueError, match="dtype"):
+        EngineOptions(dtype="float64")
+
+
+def test_prompts_as_strings_and_chat(llm):
+    outs = llm.generate(["Hello world", "The weather"], greedy(max_tokens=4, ignore_eos=True))
+    assert [o.prompt for o in outs] == ["Hello world", "The weather"]
+    assert outs[0].prompt_token_ids == llm.tokenizer.encode("Hello world")
+    chat = llm.chat([{"role": "user", "content": "Hi"}], greedy(max_tokens=3, ignore_eos=True),
+                    chat_template_kwargs={"enable_thinking": False})[0]
+    expected = llm.tokenizer.encode("[gMASK]<sop><|user|>\nHi/nothink<|assistant|>\n<think></think>")
+    assert chat.prompt_token_ids == expected
+
+
+def test_bf16_engine_runs(tiny_model_dir):
+    out = LLM(tiny_model_dir, dtype="bfloat16").generate(prompt(), greedy(max_tokens=5, ignore_eos=True))[0]
+    assert len(out.outputs[0].token_ids) == 5
+
+
+def test_async_streams_concurrently_and_aborts(tiny_model_dir, llm):
+    engine = AsyncLLMEngine(tiny_model_dir, EngineOptions(dtype="float32"))
+    prompts = [prompt(n, seed=n)["prompt_token_ids"] for n in (4, 9, 30, 2)]
+    want = [o.outputs[0] for o in llm.generate([{"prompt_token_ids": p} for p in prompts],
+                                               greedy(max_tokens=16, ignore_eos=True))]
+
+    async def collect(i, p):
+        ids, text, last = [], "", None
+        async for d in engine.generate(f"s{i}", p, greedy(max_tokens=16, ignore_eos=True)):
+            ids += d.new_token_ids
+            text += d.new_text
+            last = d
+        return ids, text, last
+
+    async def abort_early():
+        n = 0
+        async for _ in engine.generate("gone", prompts[0], greedy(max_tokens=500, ignore_eos=True)):
+            n += 1
+            if n == 3:
+                break  # leaving the stream aborts the request
+        return n
+
+    async def main():
+        return await asyncio.gather(abort_early(), *(collect(i, p) for i, p in enumerate(prompts)))
+
+    try:
+        aborted, *results = asyncio.run(main())
+        assert aborted == 3
+        for (ids, text, last), w in zip(results, want):
+            assert ids == w.token_ids and text == w.text
+            assert last.finish_reason == "length" and last.num_output_tokens == 16
+        with pytest.raises(ValueError, match="max_tokens"):
+            asyncio.run(anext(engine.generate("bad", [1, 2], greedy(max_tokens=10**6))))
+        deadline = 50
+        while engine.engine.has_unfinished() and deadline:
+            asyncio.run(asyncio.sleep(0.05))
+            deadline -= 1
+        assert not engine.engine.has_unfinished()
+        assert engine.engine.scheduler.block_manager.num_used_blocks == 0
+    finally:
+        engine.shutdown()
