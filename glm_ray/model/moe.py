@@ -71,7 +71,8 @@ class MoE(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, experts: ExpertBackend) -> torch.Tensor:
         topk_ids, topk_weights = self.gate(hidden_states)
-        routed = experts.forward(self.layer, hidden_states, topk_ids, topk_weights)
-        if self.shared_experts is None:
-            return routed
-        return routed + self.shared_experts(hidden_states)
+        pending = experts.submit(self.layer, hidden_states, topk_ids, topk_weights)
+        # the shared expert runs while routed work is in flight (remote backends)
+        shared = self.shared_experts(hidden_states) if self.shared_experts is not None else None
+        routed = pending.result()
+        return routed if shared is None else routed + shared
