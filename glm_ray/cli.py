@@ -57,6 +57,24 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    from glm_ray.serving.local import serve_forever
+    from glm_ray.serving.config import ServeConfig
+
+    cfg = ServeConfig.from_yaml(args.config) if args.config else ServeConfig()
+    overrides = {k: v for k, v in dict(model=args.model, expert_groups=args.expert_groups,
+                                       attention_replicas=args.attention_replicas,
+                                       expert_replicas=args.expert_replicas, dtype=args.dtype, host=args.host,
+                                       http_port=args.http_port, grpc_port=args.grpc_port).items() if v is not None}
+    try:
+        cfg = ServeConfig.model_validate({**cfg.model_dump(), **overrides})
+    except ValueError as e:
+        raise SystemExit(f"glm-ray: error: {e}") from None
+    if cfg.model is not None and not (Path(cfg.model) / "config.json").is_file():
+        raise SystemExit(f"glm-ray: error: --model {cfg.model}: no config.json there")
+    return serve_forever(cfg)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="glm-ray", description="Serve GLM-4.5 / GLM-4.6 MoE models on Ray.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -75,6 +93,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", type=_positive_int, default=32)
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto")
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("serve", help="serve a model on Ray Serve (starts a local Ray cluster without RAY_ADDRESS)")
+    p.add_argument("--model", default=None, help="checkpoint directory (default: the built-in tiny model)")
+    p.add_argument("--expert-groups", type=_positive_int, default=None, help="G, number of expert groups")
+    p.add_argument("--attention-replicas", type=_positive_int, default=None, help="N, attention replicas")
+    p.add_argument("--expert-replicas", type=_positive_int, default=None, help="replicas per expert group")
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default=None)
+    p.add_argument("--host", default=None, help="HTTP bind address (default 127.0.0.1)")
+    p.add_argument("--http-port", type=int, default=None)
+    p.add_argument("--grpc-port", type=int, default=None)
+    p.add_argument("--config", default=None, help="a ServeConfig YAML file; flags override it")
+    p.set_defaults(func=cmd_serve)
     return parser
 
 

@@ -33,24 +33,25 @@ def grouped_swiglu(hidden_states: torch.Tensor, local_ids: torch.Tensor, weights
                    w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
     """hidden_states [T, H]; local_ids/weights [T, K] (slots into w13/w2; -1 = skip) -> [T, H] in fp32."""
     t, k = local_ids.shape
-    out = torch.zeros(t, hidden_states.shape[1], dtype=torch.float32, device=hidden_states.device)
     flat_ids = local_ids.reshape(-1)  # [P]
     order = torch.argsort(flat_ids, stable=True)
     sorted_ids = flat_ids[order]
     counts = torch.bincount(sorted_ids[sorted_ids >= 0], minlength=w13.shape[0]).tolist()
-    token_of_pair = order // k
-    weight_of_pair = weights.reshape(-1)[order]
-    start = int((sorted_ids < 0).sum())  # skipped pairs sort first
+    start = int((sorted_ids < 0).sum())  # skipped pairs sort first and stay zero
+    x = hidden_states[order[start:] // k]  # [P', H], grouped by expert
+    w = weights.reshape(-1)[order[start:], None].float()
+    y_sorted = torch.empty(x.shape, dtype=torch.float32, device=x.device)
+    offset = 0
     for slot, n in enumerate(counts):
         if n == 0:
             continue
-        tokens = token_of_pair[start:start + n]
-        x = hidden_states[tokens]  # [n, H]
-        gate, up = F.linear(x, w13[slot]).chunk(2, dim=-1)
-        y = F.linear(F.silu(gate) * up, w2[slot])  # [n, H]
-        out.index_add_(0, tokens, y.float() * weight_of_pair[start:start + n, None])
-        start += n
-    return out
+        gate, up = F.linear(x[offset:offset + n], w13[slot]).chunk(2, dim=-1)
+        y_sorted[offset:offset + n] = F.linear(F.silu(gate) * up, w2[slot])
+        offset += n
+    # un-sort with one row scatter, then add each token's K pairs (no index_add_, which is slow on CPU)
+    pairs = torch.zeros(t * k, hidden_states.shape[1], dtype=torch.float32, device=x.device)
+    pairs[order[start:]] = y_sorted * w
+    return pairs.view(t, k, -1).sum(dim=1)
 
 
 def reference_moe(hidden_states, topk_ids, topk_weights, experts: dict[int, tuple[torch.Tensor, torch.Tensor]]):

@@ -1,0 +1,315 @@
+"""Routed experts over gRPC: one Forward per destination group per MoE layer (design.md, "The hot path").
+
+`submit` splits the (token, expert) pairs by group on the caller's thread, sends every group its
+tokens concurrently from a dedicated event-loop thread, and `result()` scatter-adds the groups'
+fp32 partial sums and casts once. A failed call moves to another replica of the group; with none
+left the caller's registry is asked to refresh and we wait a bounded time, then raise
+ExpertUnavailableError. Legend: T tokens, K top-k, H hidden, T_g tokens sent to group g.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import threading
+import time
+from collections import defaultdict
+from concurrent.futures import Future
+from dataclasses import dataclass, field, fields
+from typing import Protocol
+
+import grpc
+import numpy as np
+import torch
+
+from glm_ray.experts.backend import ExpertBackend
+from glm_ray.experts.policy import LeastOutstanding, ReplicaPolicy
+from glm_ray.experts.server import FORWARD_METHOD
+from glm_ray.experts.wire import GRPC_OPTIONS, MAX_MESSAGE_BYTES, array_to_proto, dtype_name, tensor_from_proto
+from glm_ray.router.placement import Placement
+from glm_ray.v1 import experts_pb2 as pb
+
+log = logging.getLogger(__name__)
+REFRESH_INTERVAL_S = 0.2
+
+# A replica's failure, not the request's: the same bytes may succeed on another replica.
+RETRY_CODES = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED,
+               grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN, grpc.StatusCode.ABORTED}
+
+
+class ExpertUnavailableError(RuntimeError):
+    """No replica of an expert group answered within the bounded wait. Retryable: re-run the step
+    once the group has replicas again."""
+
+    retryable = True
+
+    def __init__(self, group: int, layer: int, waited_s: float, last_error: str):
+        super().__init__(f"expert group {group} (MoE layer {layer}): no replica answered; waited {waited_s:.1f} s "
+                         f"for one to appear. Check that the group's replicas are running and registered. "
+                         f"Last error: {last_error}")
+        self.group, self.layer = group, layer
+
+
+class ExpertCallError(RuntimeError):
+    """A replica rejected the request itself (bad shape, stale placement): not retried."""
+
+    retryable = False
+
+
+class ReplicaSource(Protocol):
+    def snapshot(self) -> dict[int, list[str]]:
+        """Current replica addresses per group; called on every call, so keep it a cached lookup."""
+
+    def refresh(self) -> None:
+        """Optional: re-read the registry now (called off the event loop, after failures)."""
+
+
+class StaticReplicas:
+    """A fixed address book; `set` replaces one group's addresses (tests, single-process use)."""
+
+    def __init__(self, replicas: dict[int, list[str]]):
+        self.replicas = {g: list(a) for g, a in replicas.items()}
+
+    def snapshot(self) -> dict[int, list[str]]:
+        return self.replicas
+
+    def set(self, group: int, addresses: list[str]) -> None:
+        self.replicas = {**self.replicas, group: list(addresses)}
+
+    def refresh(self) -> None:
+        pass
+
+
+@dataclass
+class TransportStats:
+    """Counters since the last `take()`; the bench reads them per step."""
+
+    calls: int = 0  # RPCs issued, retries included
+    retries: int = 0  # RPCs re-sent to another replica after a failure
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    serialize_s: float = 0.0  # caller thread: split + encode requests, decode + scatter-add replies
+    wait_s: float = 0.0  # caller thread blocked in result() for replies
+    rpc_s: float = 0.0  # summed round trips of the RPCs
+    server_compute_s: float = 0.0  # summed server-reported compute time
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    def add(self, **deltas) -> None:
+        with self._lock:
+            for name, value in deltas.items():
+                setattr(self, name, getattr(self, name) + value)
+
+    def take(self) -> dict[str, float]:
+        """The counters as a dict, reset to zero."""
+        with self._lock:
+            out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "_lock"}
+            for f in fields(self):
+                if f.name != "_lock":
+                    setattr(self, f.name, f.default)
+        return out
+
+
+class EventLoopThread:
+    """An asyncio loop running forever in a daemon thread; grpc.aio objects live on it."""
+
+    def __init__(self, name: str = "glm-ray-grpc"):
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name=name, daemon=True)
+        self._thread.start()
+
+    def submit(self, coro) -> Future:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop)
+
+    def run(self, coro, timeout: float | None = None):
+        return self.submit(coro).result(timeout)
+
+    def stop(self) -> None:
+        if self._thread.is_alive():
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self._thread.join()
+        self.loop.close()
+
+
+class PendingRemote:
+    def __init__(self, owner: RemoteExperts, future: Future, rows: list[torch.Tensor], like: torch.Tensor):
+        self._owner, self._future, self._rows, self._like = owner, future, rows, like
+        self._value: torch.Tensor | None = None
+
+    def result(self) -> torch.Tensor:
+        if self._value is not None:
+            return self._value
+        stats = self._owner.stats
+        t0 = time.perf_counter()
+        replies: list[bytes] = self._future.result()
+        t1 = time.perf_counter()
+        out = torch.zeros(self._like.shape, dtype=torch.float32)  # [T, H]
+        received, compute = 0, 0.0
+        for rows, raw in zip(self._rows, replies):
+            reply = pb.ForwardReply.FromString(raw)
+            partial = tensor_from_proto(reply.partial, what="ForwardReply.partial")  # [T_g, H] fp32
+            if partial.dtype != torch.float32 or partial.shape != (len(rows), out.shape[1]):
+                raise ExpertCallError(f"expert reply is {partial.dtype} {list(partial.shape)}, "
+                                      f"expected float32 [{len(rows)}, {out.shape[1]}]")
+            out.index_add_(0, rows, partial)
+            received += len(raw)
+            compute += reply.compute_s
+        self._value = out.to(device=self._like.device, dtype=self._like.dtype)
+        stats.add(wait_s=t1 - t0, serialize_s=time.perf_counter() - t1, bytes_received=received,
+                  server_compute_s=compute)
+        return self._value
+
+
+class RemoteExperts(ExpertBackend):
+    """ExpertBackend over gRPC to expert-group replicas.
+
+    placement: expert -> (group, slot); replicas: addresses per group (`snapshot()`, optional
+    `refresh()`); policy: replica choice within a group; call_timeout_s: per RPC;
+    unavailable_wait_s: how long to wait for a group with no live replica before
+    ExpertUnavailableError; suspect_s: how long a replica that failed is avoided;
+    loop: run on this EventLoopThread instead of owning one.
+    """
+
+    def __init__(self, placement: Placement, replicas: ReplicaSource, *, policy: ReplicaPolicy | None = None,
+                 call_timeout_s: float = 60.0, unavailable_wait_s: float = 10.0, suspect_s: float = 5.0,
+                 poll_s: float = 0.05, loop: EventLoopThread | None = None):
+        self.placement, self.replicas = placement, replicas
+        self.policy = policy or LeastOutstanding()
+        self.call_timeout_s, self.unavailable_wait_s = call_timeout_s, unavailable_wait_s
+        self.suspect_s, self.poll_s = suspect_s, poll_s
+        self.stats = TransportStats()
+        self._owns_loop = loop is None
+        self._loop = loop or EventLoopThread("glm-ray-remote-experts")
+        max_slots = max(len(g) for g in placement.groups)
+        self._id_dtype = np.dtype(np.int16 if max_slots <= np.iinfo(np.int16).max else np.int32)
+        self._id_name = self._id_dtype.name  # "int16" | "int32", as the wire names them
+        self._group_of, self._slot_of = placement.group_of.numpy(), placement.slot_of.numpy()  # [E]
+        self._request_ids = itertools.count(1)
+        self._closed = False
+        # loop-thread state only
+        self._channels: dict[str, tuple[grpc.aio.Channel, grpc.aio.UnaryUnaryMultiCallable]] = {}
+        self._outstanding: dict[str, int] = defaultdict(int)
+        self._suspect_until: dict[str, float] = {}
+        self._refreshing: asyncio.Future | None = None
+        self._last_refresh = float("-inf")
+
+    def forward(self, layer, hidden_states, topk_ids, topk_weights):
+        return self.submit(layer, hidden_states, topk_ids, topk_weights).result()
+
+    def submit(self, layer, hidden_states, topk_ids, topk_weights) -> PendingRemote:
+        t0 = time.perf_counter()
+        # numpy, not torch, for the split: a decode step is dozens of tiny ops, each ~5x cheaper there
+        x = hidden_states.detach().cpu()  # [T, H]
+        x_np = (x.view(torch.int16) if x.dtype == torch.bfloat16 else x).numpy()
+        x_dtype = dtype_name(x.dtype)
+        ids = topk_ids.cpu().numpy()  # [T, K]
+        weights = topk_weights.cpu().float().numpy()  # [T, K]
+        group, slot = self._group_of[ids], self._slot_of[ids]  # [T, K]
+        request_id = next(self._request_ids)
+        rows, payloads = [], []
+        for g in np.unique(group).tolist():  # groups no token chose get no call
+            mine = group == g  # [T, K]
+            g_rows = np.flatnonzero(mine.any(axis=1))  # [T_g]
+            req = pb.ForwardRequest(layer=layer, request_id=request_id, placement_version=self.placement.version)
+            array_to_proto(x_np[g_rows], x_dtype, req.hidden_states)
+            local_ids = np.where(mine[g_rows], slot[g_rows], -1).astype(self._id_dtype)
+            array_to_proto(local_ids, self._id_name, req.local_ids)
+            array_to_proto(weights[g_rows], "float32", req.topk_weights)
+            payload = req.SerializeToString()
+            largest = max(len(payload), len(g_rows) * x.shape[1] * 4)  # the reply is [T_g, H] fp32
+            if largest > MAX_MESSAGE_BYTES:
+                raise ValueError(f"MoE layer {layer}: {len(g_rows)} tokens for expert group {g} make a "
+                                 f"{largest / 2**20:.0f} MiB message, over the {MAX_MESSAGE_BYTES >> 20} MiB gRPC "
+                                 "limit; run prefill in smaller chunks")
+            rows.append(torch.from_numpy(g_rows))
+            payloads.append((g, payload))
+        future = self._loop.submit(self._dispatch(layer, payloads))
+        self.stats.add(serialize_s=time.perf_counter() - t0, bytes_sent=sum(len(p) for _, p in payloads))
+        return PendingRemote(self, future, rows, hidden_states)
+
+    def close(self) -> None:
+        """Close every channel and, if owned, the event-loop thread."""
+        if self._closed:
+            return
+        self._closed = True
+
+        async def _close():
+            for channel, _ in self._channels.values():
+                await channel.close()
+            self._channels.clear()
+        self._loop.run(_close(), timeout=10)
+        if self._owns_loop:
+            self._loop.stop()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # -- on the event-loop thread --------------------------------------------------------------
+
+    async def _dispatch(self, layer: int, payloads: list[tuple[int, bytes]]) -> list[bytes]:
+        return list(await asyncio.gather(*(self._call_group(g, layer, p) for g, p in payloads)))
+
+    async def _call_group(self, group: int, layer: int, payload: bytes) -> bytes:
+        tried: set[str] = set()
+        deadline: float | None = None  # set once no replica is left to try
+        last_error = "no replica registered for this group"
+        while True:
+            address = self._pick(group, tried)
+            if address is None:
+                now = time.monotonic()
+                deadline = deadline if deadline is not None else now + self.unavailable_wait_s
+                if now >= deadline:
+                    raise ExpertUnavailableError(group, layer, self.unavailable_wait_s, last_error)
+                self._refresh_soon()
+                await asyncio.sleep(min(self.poll_s, deadline - now))
+                continue
+            if tried:
+                self.stats.add(retries=1)
+            tried.add(address)
+            try:
+                return await self._call(address, payload)
+            except grpc.aio.AioRpcError as e:
+                if e.code() not in RETRY_CODES:
+                    raise ExpertCallError(f"expert group {group} replica {address} rejected MoE layer {layer}: "
+                                          f"{e.code().name}: {e.details()}") from None
+                last_error = f"{address}: {e.code().name}: {e.details()}"
+                log.warning("expert group %d, layer %d: %s; trying another replica", group, layer, last_error)
+                self._suspect_until[address] = time.monotonic() + self.suspect_s
+                self._refresh_soon()
+
+    def _pick(self, group: int, tried: set[str]) -> str | None:
+        replicas = self.replicas.snapshot().get(group, [])
+        now = time.monotonic()
+        suspect = {a for a in replicas if self._suspect_until.get(a, 0.0) > now}
+        # suspects are a last resort, not a ban: the failure may have been transient
+        return (self.policy.choose(replicas, self._outstanding, tried | suspect)
+                or self.policy.choose(replicas, self._outstanding, tried))
+
+    async def _call(self, address: str, payload: bytes) -> bytes:
+        if address not in self._channels:
+            channel = grpc.aio.insecure_channel(address, options=GRPC_OPTIONS)
+            # bytes in and out: requests were encoded on the caller's thread, replies are decoded there
+            self._channels[address] = (channel, channel.unary_unary(FORWARD_METHOD))
+        forward = self._channels[address][1]
+        self._outstanding[address] += 1
+        start = time.perf_counter()
+        try:
+            return await forward(payload, timeout=self.call_timeout_s)
+        finally:
+            self._outstanding[address] -= 1
+            self.stats.add(calls=1, rpc_s=time.perf_counter() - start)
+
+    def _refresh_soon(self) -> None:
+        """Ask the replica source to re-read its registry, in a thread, one at a time, at most every 0.2 s."""
+        refresh = getattr(self.replicas, "refresh", None)
+        now = time.monotonic()
+        busy = self._refreshing is not None and not self._refreshing.done()
+        if refresh is None or busy or now - self._last_refresh < REFRESH_INTERVAL_S:
+            return
+        self._last_refresh = now
+        self._refreshing = asyncio.ensure_future(asyncio.to_thread(refresh))
+        self._refreshing.add_done_callback(
+            lambda f: f.cancelled() or f.exception() is None or log.warning("replica refresh failed: %r", f.exception()))

@@ -1,0 +1,170 @@
+"""One expert-group replica's gRPC `ExpertService` (protos/glm_ray/v1/experts.proto).
+
+Forward takes and returns raw message bytes: parsing, the grouped SwiGLU and encoding the reply
+all run on one worker thread, so the grpc.aio loop only moves bytes and stays responsive (Ping,
+Info, other calls) during a long prefill. Bad requests are INVALID_ARGUMENT with a message
+naming the field; a stale placement is FAILED_PRECONDITION.
+Legend: T_g tokens sent to this group, K top-k, H hidden, E_g experts held.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import torch
+from google.protobuf.message import DecodeError
+
+from glm_ray.experts.local import ExpertWeights, grouped_swiglu
+from glm_ray.experts.wire import GRPC_OPTIONS, dtype_name, tensor_from_proto, tensor_to_proto
+from glm_ray.v1 import experts_pb2 as pb
+
+SERVICE = pb.DESCRIPTOR.services_by_name["ExpertService"].full_name  # "glm_ray.v1.ExpertService"
+FORWARD_METHOD = f"/{SERVICE}/Forward"
+_ID_DTYPES = (torch.int16, torch.int32, torch.int64)
+
+
+class BadRequest(ValueError):
+    """The request cannot be served as sent (-> INVALID_ARGUMENT)."""
+
+
+class StalePlacement(ValueError):
+    """The caller's placement table differs from the one this server was loaded for (-> FAILED_PRECONDITION)."""
+
+
+class ExpertServer:
+    """Serves `layers` (MoE layer -> this group's ExpertWeights, the same experts in every layer)."""
+
+    def __init__(self, layers: dict[int, ExpertWeights], group: int, *, placement_version: int = 0):
+        if not layers:
+            raise ValueError(f"expert group {group}: no layers to serve")
+        first = next(iter(layers.values()))
+        for layer, w in layers.items():
+            if w.expert_ids != first.expert_ids or w.w13.dtype != first.w13.dtype or w.w13.shape != first.w13.shape:
+                raise ValueError(f"expert group {group}: layer {layer} holds experts {w.expert_ids} "
+                                 f"{w.w13.dtype} {list(w.w13.shape)}, layer {next(iter(layers))} holds "
+                                 f"{first.expert_ids} {first.w13.dtype} {list(first.w13.shape)}; all must match")
+        self.layers = layers
+        self.group = group
+        self.placement_version = placement_version
+        self.expert_ids = list(first.expert_ids)
+        self.dtype = first.w13.dtype
+        self.hidden_size = first.w13.shape[2]
+        self.in_flight = 0  # Forward calls being served now
+        self.num_calls = 0  # Forward calls finished, ok or not
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"expert-group-{group}")
+        self._server: grpc.aio.Server | None = None
+        self.address: str | None = None  # "host:port" once started
+
+    def numel(self) -> int:
+        return sum(w.numel() for w in self.layers.values())
+
+    # -- the computation, callable without gRPC ------------------------------------------------
+
+    def forward_bytes(self, request: bytes) -> bytes:
+        """A serialized ForwardRequest -> a serialized ForwardReply; BadRequest/StalePlacement if unservable."""
+        start = time.perf_counter()
+        try:
+            req = pb.ForwardRequest.FromString(request)
+        except DecodeError as e:
+            raise BadRequest(f"expert group {self.group}: request is not a ForwardRequest ({e})") from None
+        if req.placement_version and self.placement_version and req.placement_version != self.placement_version:
+            raise StalePlacement(f"expert group {self.group} serves placement version {self.placement_version}, "
+                                 f"the request was split with version {req.placement_version}; refresh the placement")
+        hidden_states, local_ids, topk_weights = self._check(req)
+        held = self.layers[req.layer]
+        partial = grouped_swiglu(hidden_states, local_ids.long(), topk_weights, held.w13, held.w2)  # [T_g, H] fp32
+        reply = pb.ForwardReply(request_id=req.request_id)
+        tensor_to_proto(partial, reply.partial)
+        reply.compute_s = time.perf_counter() - start
+        return reply.SerializeToString()
+
+    def _check(self, req: pb.ForwardRequest) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        where = f"expert group {self.group}, layer {req.layer}"
+        if req.layer not in self.layers:
+            raise BadRequest(f"{where}: layer {req.layer} is not served here (MoE layers held: {sorted(self.layers)})")
+        try:
+            hidden_states = tensor_from_proto(req.hidden_states, what=f"{where}: hidden_states")
+            local_ids = tensor_from_proto(req.local_ids, what=f"{where}: local_ids")
+            topk_weights = tensor_from_proto(req.topk_weights, what=f"{where}: topk_weights")
+        except ValueError as e:
+            raise BadRequest(str(e)) from None
+        if hidden_states.dim() != 2 or hidden_states.shape[1] != self.hidden_size:
+            raise BadRequest(f"{where}: hidden_states has shape {list(hidden_states.shape)}, "
+                             f"expected [T, {self.hidden_size}]")
+        if hidden_states.dtype != self.dtype:
+            raise BadRequest(f"{where}: hidden_states is {dtype_name(hidden_states.dtype)}, the experts here are "
+                             f"{dtype_name(self.dtype)}; load attention and experts in one dtype")
+        t = hidden_states.shape[0]
+        if local_ids.dim() != 2 or local_ids.shape[0] != t or local_ids.dtype not in _ID_DTYPES:
+            raise BadRequest(f"{where}: local_ids is {dtype_name(local_ids.dtype)} {list(local_ids.shape)}, "
+                             f"expected int16/int32 [{t}, K]")
+        if topk_weights.shape != local_ids.shape or topk_weights.dtype != torch.float32:
+            raise BadRequest(f"{where}: topk_weights is {dtype_name(topk_weights.dtype)} "
+                             f"{list(topk_weights.shape)}, expected float32 {list(local_ids.shape)}")
+        if local_ids.numel() and not (-1 <= int(local_ids.min()) and int(local_ids.max()) < len(self.expert_ids)):
+            raise BadRequest(f"{where}: local_ids range {int(local_ids.min())}..{int(local_ids.max())}, "
+                             f"expected -1..{len(self.expert_ids) - 1} ({len(self.expert_ids)} experts held)")
+        return hidden_states, local_ids, topk_weights
+
+    # -- gRPC ----------------------------------------------------------------------------------
+
+    async def _forward(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        self.in_flight += 1
+        try:
+            reply = await asyncio.get_running_loop().run_in_executor(self._executor, self.forward_bytes, request)
+        except BadRequest as e:
+            status, message = grpc.StatusCode.INVALID_ARGUMENT, str(e)
+        except StalePlacement as e:
+            status, message = grpc.StatusCode.FAILED_PRECONDITION, str(e)
+        except Exception as e:  # noqa: BLE001 - reported to the caller, who retries elsewhere
+            status, message = grpc.StatusCode.INTERNAL, f"expert group {self.group}: {type(e).__name__}: {e}"
+        else:
+            return reply
+        finally:
+            self.in_flight -= 1
+            self.num_calls += 1
+        await context.abort(status, message)
+
+    async def _info(self, request: pb.InfoRequest, context) -> pb.InfoReply:
+        return pb.InfoReply(group=self.group, expert_ids=self.expert_ids, layers=sorted(self.layers),
+                            num_parameters=self.numel(), dtype=dtype_name(self.dtype),
+                            hidden_size=self.hidden_size, placement_version=self.placement_version)
+
+    async def _ping(self, request: pb.PingRequest, context) -> pb.PingReply:
+        return pb.PingReply(in_flight=self.in_flight, num_calls=self.num_calls)
+
+    def _handlers(self) -> dict[str, grpc.RpcMethodHandler]:
+        def typed(fn, req, rep):
+            return grpc.unary_unary_rpc_method_handler(fn, request_deserializer=req.FromString,
+                                                       response_serializer=rep.SerializeToString)
+        return {
+            # bytes in, bytes out: (de)serialisation happens on the worker thread, off the loop
+            "Forward": grpc.unary_unary_rpc_method_handler(self._forward),
+            "Info": typed(self._info, pb.InfoRequest, pb.InfoReply),
+            "Ping": typed(self._ping, pb.PingRequest, pb.PingReply),
+        }
+
+    async def start(self, host: str = "127.0.0.1", port: int = 0) -> str:
+        """Serve on the running event loop; returns the bound "host:port"."""
+        if self._server is not None:
+            raise RuntimeError(f"expert group {self.group}: server already started")
+        # so_reuseport off: a port already taken must fail here, not silently share traffic
+        server = grpc.aio.server(options=[*GRPC_OPTIONS, ("grpc.so_reuseport", 0)])
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, self._handlers()),))
+        bound = server.add_insecure_port(f"{host}:{port}")
+        if bound == 0:
+            raise OSError(f"expert group {self.group}: cannot bind {host}:{port}")
+        await server.start()
+        self._server = server
+        self.address = f"{host}:{bound}"
+        return self.address
+
+    async def stop(self, grace: float | None = 1.0) -> None:
+        """Finish in-flight calls for up to `grace` seconds (None: cancel them now), then close."""
+        if self._server is not None:
+            await self._server.stop(grace)
+            self._server = None
+        self._executor.shutdown(wait=False, cancel_futures=True)

@@ -1,0 +1,62 @@
+"""`build_app(config)`: the whole Serve application from one ServeConfig.
+
+A pure function of the config (it only reads the checkpoint's config.json to size the placement),
+used by `glm-ray serve` and by Serve config files (`import_path: glm_ray.serving.app:build_app`).
+"""
+
+from __future__ import annotations
+
+from ray.serve import Application
+
+from glm_ray.config import load_model_config
+from glm_ray.router.placement import Placement
+from glm_ray.serving.attention import AttentionReplica
+from glm_ray.serving.config import ServeConfig
+from glm_ray.serving.expert_group import ExpertGroup
+from glm_ray.serving.ingress import Ingress
+from glm_ray.serving.router import ExpertRouter
+
+
+def resolve_model_dir(config: ServeConfig) -> str:
+    if config.model is not None:
+        return config.model
+    from glm_ray.model.default import default_model_dir
+
+    return str(default_model_dir())
+
+
+def placement_for(config: ServeConfig, num_experts: int) -> Placement:
+    if config.placement is not None:
+        placement = Placement(config.placement)
+        if len(placement.groups) != config.expert_groups:
+            raise ValueError(f"placement has {len(placement.groups)} groups but expert_groups is "
+                             f"{config.expert_groups}")
+        if placement.num_experts != num_experts:
+            raise ValueError(f"placement covers {placement.num_experts} experts, the model has {num_experts}")
+        return placement
+    return Placement.contiguous(num_experts, config.expert_groups)
+
+
+def build_app(config: ServeConfig | dict) -> Application:
+    cfg = config if isinstance(config, ServeConfig) else ServeConfig.model_validate(config)
+    model_dir = resolve_model_dir(cfg)
+    model_config = load_model_config(model_dir)
+    placement = placement_for(cfg, model_config.n_routed_experts)
+    shutdown = dict(graceful_shutdown_timeout_s=cfg.graceful_shutdown_timeout_s)
+
+    router = ExpertRouter.options(ray_actor_options=cfg.router_resources.ray_actor_options()).bind(
+        placement.to_dict(), cfg.expert_groups, cfg.heartbeat_ttl_s)
+    groups = [
+        ExpertGroup.options(name=f"ExpertGroup_{g}", num_replicas=cfg.replicas_of_group(g),
+                            ray_actor_options=cfg.expert_resources.ray_actor_options(), **shutdown).bind(
+            model_dir, g, placement.experts_of(g), cfg.dtype, router, cfg.expert_host, cfg.heartbeat_interval_s)
+        for g in range(cfg.expert_groups)
+    ]
+    engine_options = dict(dtype=cfg.dtype, kv_cache_memory=cfg.kv_cache_memory, max_num_seqs=cfg.max_num_seqs,
+                          max_num_batched_tokens=cfg.max_num_batched_tokens, max_model_len=cfg.max_model_len)
+    attention = AttentionReplica.options(
+        name="AttentionReplica", num_replicas=cfg.attention_replicas, max_ongoing_requests=cfg.max_ongoing_requests,
+        ray_actor_options=cfg.attention_resources.ray_actor_options(), **shutdown).bind(
+        model_dir, engine_options, placement.to_dict(), router, cfg.snapshot_refresh_s, cfg.expert_wait_s)
+    return Ingress.options(ray_actor_options=cfg.ingress_resources.ray_actor_options()).bind(
+        attention, router, groups, model_dir)

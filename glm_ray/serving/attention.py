@@ -1,0 +1,105 @@
+"""`AttentionReplica`: the engine (embeddings, attention, dense layers, gates, shared experts, LM
+head, KV cache, scheduler) with routed experts reached over gRPC. Loads no routed-expert tensor.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import uuid
+
+from ray import serve
+
+from glm_ray.engine.async_engine import AsyncLLMEngine
+from glm_ray.engine.config import EngineOptions
+from glm_ray.engine.sampling_params import SamplingParams
+from glm_ray.experts.policy import PowerOfTwoChoices
+from glm_ray.experts.remote import RemoteExperts
+from glm_ray.router.placement import Placement
+from glm_ray.router.registry import Snapshot
+from glm_ray.serving.protocol import delta_to_dict
+
+log = logging.getLogger("glm_ray.attention")
+
+
+class RouterSnapshots:
+    """The replica table as last read from the router, refreshed by a background thread every
+    `refresh_s` and on demand after a failed call. Never on the per-layer path."""
+
+    def __init__(self, router, refresh_s: float):
+        self.router, self.refresh_s = router, refresh_s
+        self._current = Snapshot(-1, {})
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="router-snapshots", daemon=True)
+        self._thread.start()
+
+    def snapshot(self) -> dict[int, list[str]]:
+        return self._current.replicas
+
+    @property
+    def version(self) -> int:
+        return self._current.version
+
+    def refresh(self) -> None:
+        self._wake.set()
+
+    def _run(self):
+        while not self._stop.is_set():
+            try:
+                snap = Snapshot.from_dict(self.router.snapshot.remote().result(timeout_s=5))
+                if snap.version != self._current.version or snap.replicas != self._current.replicas:
+                    self._current = snap
+            except Exception as e:
+                log.warning("reading the router snapshot failed: %r", e)
+            self._wake.wait(self.refresh_s)
+            self._wake.clear()
+
+    def close(self):
+        self._stop.set()
+        self._wake.set()
+
+
+@serve.deployment(max_ongoing_requests=256, graceful_shutdown_wait_loop_s=0.1)
+class AttentionReplica:
+    def __init__(self, model_dir: str, engine_options: dict, placement: dict, router,
+                 refresh_s: float = 1.0, expert_wait_s: float = 10.0):
+        self.snapshots = RouterSnapshots(router, refresh_s)
+        self.experts = RemoteExperts(Placement.from_dict(placement), self.snapshots, policy=PowerOfTwoChoices(),
+                                     unavailable_wait_s=expert_wait_s)
+        self.engine = AsyncLLMEngine(model_dir, EngineOptions(**engine_options), experts=self.experts)
+
+    async def generate(self, request: dict):
+        """request: {"prompt_token_ids", "sampling_params": {...}, "request_id"?, "prompt"?}; streams
+        delta dicts. Invalid requests raise ValueError before the first delta."""
+        params = SamplingParams(**request.get("sampling_params", {}))
+        request_id = request.get("request_id") or uuid.uuid4().hex
+        async for delta in self.engine.generate(request_id, list(request["prompt_token_ids"]), params,
+                                                request.get("prompt")):
+            yield delta_to_dict(delta)
+
+    def resident(self) -> dict:
+        """Parameter counts held here, to show no routed expert lives on the attention side."""
+        model = self.engine.engine.model
+        names = [n for n, _ in model.named_parameters()]
+        return {"num_params": sum(p.numel() for p in model.parameters()),
+                "routed_expert_params": sum(p.numel() for n, p in model.named_parameters()
+                                            if ".experts." in n and "shared_experts" not in n),
+                "parameter_names": names,
+                "kv_blocks": self.engine.engine.limits.num_kv_blocks}
+
+    def dispatch_stats(self) -> dict:
+        return self.experts.stats.take()
+
+    def engine_stats(self) -> dict:
+        s = self.engine.engine.scheduler.stats()
+        return {"running": s.num_running, "waiting": s.num_waiting, "used_blocks": s.num_used_blocks,
+                "free_blocks": s.num_free_blocks, "computed_tokens": s.num_computed_tokens,
+                "prefix_hit_tokens": s.num_prefix_hit_tokens, "preemptions": s.num_preemptions}
+
+    def __del__(self):
+        engine = getattr(self, "engine", None)
+        if engine is not None:
+            engine.shutdown()
+        if hasattr(self, "snapshots"):
+            self.snapshots.close()

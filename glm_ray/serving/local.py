@@ -1,0 +1,67 @@
+"""Run the application until Ctrl-C: on a local Ray cluster unless RAY_ADDRESS names one."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+
+APP_NAME = "glm-ray"
+
+
+def start(cfg, *, ready_timeout_s: float = 300.0):
+    """Start Ray (if needed) and Serve, deploy, wait until every expert group has a live replica.
+    Returns whether this call started the Ray cluster."""
+    import ray
+    from ray import serve
+
+    from glm_ray.serving.app import build_app
+
+    started_ray = False
+    if not ray.is_initialized():
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+        if os.environ.get("RAY_ADDRESS"):
+            ray.init(address=os.environ["RAY_ADDRESS"])
+        else:
+            ray.init(include_dashboard=False, num_cpus=max(os.cpu_count() or 1, 4))
+            started_ray = True
+    serve.start(http_options={"host": cfg.host, "port": cfg.http_port})
+    serve.run(build_app(cfg), name=APP_NAME, route_prefix="/", blocking=False)
+    router = serve.get_deployment_handle("ExpertRouter", app_name=APP_NAME)
+    deadline = time.monotonic() + ready_timeout_s
+    while True:
+        status = router.status.remote().result(timeout_s=30)
+        if not status["missing_groups"]:
+            return started_ray
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"expert groups {status['missing_groups']} have no live replica after "
+                               f"{ready_timeout_s:.0f} s")
+        time.sleep(0.5)
+
+
+def stop(started_ray: bool) -> None:
+    import ray
+    from ray import serve
+
+    serve.shutdown()
+    if started_ray:
+        ray.shutdown()
+
+
+def serve_forever(cfg) -> int:
+    started_ray = start(cfg)
+    print(f"glm-ray serving {cfg.model or 'the built-in tiny model'}: {cfg.expert_groups} expert group(s), "
+          f"{cfg.attention_replicas} attention replica(s)")
+    print(f"  HTTP  http://{cfg.host}:{cfg.http_port}/v1/generate   health: http://{cfg.host}:{cfg.http_port}/health")
+    print("Ctrl-C to stop.", flush=True)
+    stopping = []
+    signal.signal(signal.SIGTERM, lambda *_: stopping.append(1))
+    try:
+        while not stopping:
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        pass
+    print("shutting down...", file=sys.stderr, flush=True)
+    stop(started_ray)
+    return 0

@@ -1,0 +1,266 @@
+"""RemoteExperts over real gRPC servers on 127.0.0.1 (no Ray): equal to LocalExperts, failover,
+bounded unavailability, request validation."""
+
+import re
+import time
+
+import grpc
+import pytest
+import torch
+
+from glm_ray.config import load_model_config
+from glm_ray.experts.backend import ExpertBackend
+from glm_ray.experts.local import LocalExperts
+from glm_ray.experts.remote import (
+    EventLoopThread, ExpertCallError, ExpertUnavailableError, RemoteExperts, StaticReplicas,
+)
+from glm_ray.experts.server import ExpertServer
+from glm_ray.experts.wire import tensor_to_proto
+from glm_ray.model.loader import load_model, load_weights
+from glm_ray.model.reference import greedy_generate, prompt_logits
+from glm_ray.router.placement import Placement
+from glm_ray.v1 import experts_pb2 as pb
+from glm_ray.v1 import experts_pb2_grpc
+
+PROMPTS = [[1, 5, 9, 200, 17], [3, 3, 3], [900, 14, 77, 2, 41, 8, 600]]
+
+
+@pytest.fixture(scope="module")
+def loop():
+    thread = EventLoopThread("test-expert-servers")
+    yield thread
+    thread.stop()
+
+
+@pytest.fixture(scope="module")
+def config(tiny_model_dir):
+    return load_model_config(tiny_model_dir)
+
+
+def start_servers(loop, model_dir, placement, dtype="float32", copies=1, placement_version=0):
+    """copies servers per group, each loading only its group's experts -> (servers[g], StaticReplicas)."""
+    servers = {}
+    for g in range(placement.num_groups):
+        weights = load_weights(model_dir, dtype=dtype, dense=False, expert_ids=placement.experts_of(g))
+        servers[g] = [ExpertServer(weights.experts, g, placement_version=placement_version) for _ in range(copies)]
+    replicas = StaticReplicas({g: [loop.run(s.start()) for s in group] for g, group in servers.items()})
+    return servers, replicas
+
+
+def stop_all(loop, servers):
+    for group in servers.values():
+        for s in group:
+            loop.run(s.stop(None))
+
+
+def random_routing(config, tokens, seed=0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    e, k = config.n_routed_experts, config.num_experts_per_tok
+    hidden_states = torch.randn(tokens, config.hidden_size, generator=g).to(dtype)
+    topk_ids = torch.stack([torch.randperm(e, generator=g)[:k] for _ in range(tokens)])
+    return hidden_states, topk_ids, torch.rand(tokens, k, generator=g)
+
+
+@pytest.mark.parametrize("num_groups", [1, 2, 3])
+def test_random_routing_equals_local(loop, tiny_model_dir, config, num_groups):
+    local = LocalExperts(load_weights(tiny_model_dir, dtype="float32", dense=False).experts)
+    placement = Placement.contiguous(config.n_routed_experts, num_groups)
+    servers, replicas = start_servers(loop, tiny_model_dir, placement)
+    try:
+        with RemoteExperts(placement, replicas) as remote:
+            for layer in config.moe_layers:
+                x, ids, w = random_routing(config, 50, seed=layer)
+                torch.testing.assert_close(remote.forward(layer, x, ids, w), local.forward(layer, x, ids, w),
+                                           rtol=1e-5, atol=1e-5)
+            assert remote.stats.take()["calls"] == len(config.moe_layers) * num_groups
+    finally:
+        stop_all(loop, servers)
+
+
+@pytest.mark.parametrize("num_groups", [1, 2, 3])
+def test_whole_model_equals_local(loop, tiny_model_dir, config, num_groups):
+    model, local, _ = load_model(tiny_model_dir, dtype="float32")
+    placement = Placement.contiguous(config.n_routed_experts, num_groups)
+    servers, replicas = start_servers(loop, tiny_model_dir, placement)
+    try:
+        with RemoteExperts(placement, replicas) as remote:
+            for got, want in zip(prompt_logits(model, remote, PROMPTS), prompt_logits(model, local, PROMPTS)):
+                torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+            assert greedy_generate(model, remote, PROMPTS, 8) == greedy_generate(model, local, PROMPTS, 8)
+    finally:
+        stop_all(loop, servers)
+
+
+def test_bfloat16_single_group_is_bit_exact(loop, tiny_model_dir, config):
+    model, local, _ = load_model(tiny_model_dir, dtype="bfloat16")
+    placement = Placement.contiguous(config.n_routed_experts, 1)
+    servers, replicas = start_servers(loop, tiny_model_dir, placement, dtype="bfloat16")
+    try:
+        with RemoteExperts(placement, replicas) as remote:
+            for got, want in zip(prompt_logits(model, remote, PROMPTS), prompt_logits(model, local, PROMPTS)):
+                assert torch.equal(got, want)
+    finally:
+        stop_all(loop, servers)
+
+
+def test_each_server_holds_only_its_group(loop, tiny_model_dir, config):
+    placement = Placement.contiguous(config.n_routed_experts, 3)  # 3, 3, 2 experts
+    servers, replicas = start_servers(loop, tiny_model_dir, placement)
+    per_expert = 3 * config.hidden_size * config.moe_intermediate_size  # gate, up, down
+    try:
+        for g in range(3):
+            with grpc.insecure_channel(replicas.snapshot()[g][0]) as channel:
+                stub = experts_pb2_grpc.ExpertServiceStub(channel)
+                info = stub.Info(pb.InfoRequest(), timeout=10)
+                ping = stub.Ping(pb.PingRequest(), timeout=10)
+            assert (ping.in_flight, ping.num_calls) == (0, 0)
+            assert info.group == g and list(info.expert_ids) == placement.experts_of(g)
+            assert list(info.layers) == config.moe_layers and info.dtype == "float32"
+            assert info.num_parameters == len(placement.experts_of(g)) * per_expert * len(config.moe_layers)
+    finally:
+        stop_all(loop, servers)
+
+
+def test_prefill_batch_over_4_mib(loop, tiny_model_dir, config):
+    local = LocalExperts(load_weights(tiny_model_dir, dtype="float32", dense=False).experts)
+    placement = Placement.contiguous(config.n_routed_experts, 2)
+    servers, replicas = start_servers(loop, tiny_model_dir, placement)
+    try:
+        with RemoteExperts(placement, replicas) as remote:
+            x, ids, w = random_routing(config, 20_000, seed=5)  # 5 MiB of fp32 hidden states
+            torch.testing.assert_close(remote.forward(1, x, ids, w), local.forward(1, x, ids, w),
+                                       rtol=1e-5, atol=1e-5)
+            assert remote.stats.bytes_sent > 2 * (4 << 20)  # each group's request alone is over 4 MiB
+    finally:
+        stop_all(loop, servers)
+
+
+def test_groups_no_token_chose_are_not_called(loop, tiny_model_dir, config):
+    placement = Placement.contiguous(config.n_routed_experts, 3)  # experts 0-2 | 3-5 | 6-7
+    servers, replicas = start_servers(loop, tiny_model_dir, placement)
+    try:
+        with RemoteExperts(placement, replicas) as remote:
+            x, _, w = random_routing(config, 6)
+            remote.forward(1, x, torch.tensor([[0, 1, 2, 1]] * 6), w)
+            assert remote.stats.take()["calls"] == 1
+            assert [servers[g][0].num_calls for g in range(3)] == [1, 0, 0]
+            remote.forward(1, x, torch.tensor([[0, 7, 6, 1]] * 6), w)
+            assert remote.stats.take()["calls"] == 2
+            assert [servers[g][0].num_calls for g in range(3)] == [2, 0, 1]
+    finally:
+        stop_all(loop, servers)
+
+
+class StopAfter(ExpertBackend):
+    """Stops `server` after `n` submits: a replica dying mid-run."""
+
+    def __init__(self, inner, loop, server, n):
+        self.inner, self.loop, self.server, self.n = inner, loop, server, n
+
+    def forward(self, *args):
+        return self.submit(*args).result()
+
+    def submit(self, *args):
+        self.n -= 1
+        if self.n == 0:
+            self.loop.run(self.server.stop(None))
+        return self.inner.submit(*args)
+
+
+def test_a_stopped_replica_fails_over_with_identical_results(loop, tiny_model_dir, config):
+    model, local, _ = load_model(tiny_model_dir, dtype="float32")
+    placement = Placement.contiguous(config.n_routed_experts, 2)
+    servers, replicas = start_servers(loop, tiny_model_dir, placement, copies=2)
+    try:
+        with RemoteExperts(placement, replicas) as remote:
+            want = greedy_generate(model, local, PROMPTS, 6)
+            assert greedy_generate(model, StopAfter(remote, loop, servers[0][0], n=5), PROMPTS, 6) == want
+            stats = remote.stats.take()
+            assert stats["retries"] >= 1
+            assert servers[0][1].num_calls > servers[0][0].num_calls  # the survivor took over
+    finally:
+        stop_all(loop, servers)
+
+
+def test_no_replica_left_raises_within_the_bounded_wait(loop, tiny_model_dir, config):
+    placement = Placement.contiguous(config.n_routed_experts, 2)
+    servers, replicas = start_servers(loop, tiny_model_dir, placement)
+    x, ids, w = random_routing(config, 8)
+    try:
+        with RemoteExperts(placement, replicas, unavailable_wait_s=0.5) as remote:
+            remote.forward(2, x, ids, w)
+            loop.run(servers[1][0].stop(None))
+            start = time.monotonic()
+            with pytest.raises(ExpertUnavailableError, match="expert group 1 .MoE layer 2.") as err:
+                remote.forward(2, x, ids, w)
+            assert err.value.retryable and 0.4 < time.monotonic() - start < 5
+            replicas.set(1, [])  # none registered at all: the same bounded wait
+            with pytest.raises(ExpertUnavailableError, match="expert group 1"):
+                remote.forward(3, x, ids, w)
+    finally:
+        stop_all(loop, servers)
+
+
+def test_a_replica_appearing_during_the_wait_is_used(loop, tiny_model_dir, config):
+    local = LocalExperts(load_weights(tiny_model_dir, dtype="float32", dense=False).experts)
+    placement = Placement.contiguous(config.n_routed_experts, 1)
+    servers, registry = start_servers(loop, tiny_model_dir, placement)
+
+    class Registry(StaticReplicas):  # the registry learns the address only when asked to refresh
+        def refresh(self):
+            self.set(0, registry.snapshot()[0])
+
+    x, ids, w = random_routing(config, 8)
+    try:
+        with RemoteExperts(placement, Registry({0: []}), unavailable_wait_s=10) as remote:
+            torch.testing.assert_close(remote.forward(1, x, ids, w), local.forward(1, x, ids, w))
+    finally:
+        stop_all(loop, servers)
+
+
+def test_bad_requests_get_invalid_argument(loop, tiny_model_dir, config):
+    placement = Placement.contiguous(config.n_routed_experts, 1)
+    servers, replicas = start_servers(loop, tiny_model_dir, placement, placement_version=4)
+    x, ids, w = random_routing(config, 3)
+
+    def request(layer=1, hidden_states=x, local_ids=ids.to(torch.int16), version=4):
+        req = pb.ForwardRequest(layer=layer, placement_version=version)
+        tensor_to_proto(hidden_states, req.hidden_states)
+        tensor_to_proto(local_ids, req.local_ids)
+        tensor_to_proto(w, req.topk_weights)
+        return req
+
+    cases = [
+        (request(layer=99), grpc.StatusCode.INVALID_ARGUMENT, "layer 99 is not served here"),
+        (request(hidden_states=x[:, :10]), grpc.StatusCode.INVALID_ARGUMENT, r"hidden_states has shape \[3, 10\]"),
+        (request(hidden_states=x.bfloat16()), grpc.StatusCode.INVALID_ARGUMENT, "hidden_states is bfloat16"),
+        (request(local_ids=ids + 8), grpc.StatusCode.INVALID_ARGUMENT, "local_ids range"),
+        (request(version=5), grpc.StatusCode.FAILED_PRECONDITION, "placement version 4"),
+    ]
+    try:
+        with grpc.insecure_channel(replicas.snapshot()[0][0]) as channel:
+            stub = experts_pb2_grpc.ExpertServiceStub(channel)
+            for req, code, message in cases:
+                with pytest.raises(grpc.RpcError) as err:
+                    stub.Forward(req, timeout=10)
+                assert err.value.code() == code
+                assert re.search(message, err.value.details()), err.value.details()
+            assert stub.Forward(request(), timeout=10).partial.shape == [3, config.hidden_size]
+        with RemoteExperts(Placement(placement.groups, version=4), replicas) as remote:
+            with pytest.raises(ExpertCallError, match="INVALID_ARGUMENT: .*layer 99"):
+                remote.forward(99, x, ids, w)
+            assert remote.stats.retries == 0  # the request was at fault, not the replica
+    finally:
+        stop_all(loop, servers)
+
+
+def test_a_message_over_the_limit_is_refused_before_sending(tiny_model_dir, config, monkeypatch):
+    import glm_ray.experts.remote as remote_module
+
+    monkeypatch.setattr(remote_module, "MAX_MESSAGE_BYTES", 4096)
+    placement = Placement.contiguous(config.n_routed_experts, 1)
+    with RemoteExperts(placement, StaticReplicas({0: []}), unavailable_wait_s=0) as remote:
+        x, ids, w = random_routing(config, 64)  # 16 KiB of hidden states
+        with pytest.raises(ValueError, match="64 tokens for expert group 0 .* over the 0 MiB gRPC limit; run prefill"):
+            remote.submit(1, x, ids, w)
+        assert remote.stats.calls == 0
