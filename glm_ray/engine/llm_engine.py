@@ -56,6 +56,7 @@ class LLMEngine:
         sampler = Sampler(self.model_config.eos_token_ids, torch.Generator().manual_seed(o.seed))
         self.runner = ModelRunner(self.model, self.experts, self.cache, sampler)
         self.requests: dict[str, Request] = {}
+        self.step_stats = {"steps": 0, "step_s": 0.0, "batched_tokens": 0}  # cumulative, for benchmarks
 
     # --- requests -------------------------------------------------------------------------------
 
@@ -99,10 +100,15 @@ class LLMEngine:
     # --- one step -------------------------------------------------------------------------------
 
     def step(self) -> list[RequestDelta]:
+        start = time.perf_counter()
         out = self.scheduler.schedule()
         result = self.runner.run(out.chunks, self.requests) if out.chunks else None
         self.scheduler.finish_step(out)
-        return self._postprocess(out, result)
+        deltas = self._postprocess(out, result)
+        self.step_stats["steps"] += 1
+        self.step_stats["step_s"] += time.perf_counter() - start
+        self.step_stats["batched_tokens"] += out.num_batched_tokens
+        return deltas
 
     def _postprocess(self, out: SchedulerOutput, result) -> list[RequestDelta]:
         deltas = []

@@ -7,6 +7,7 @@ holds it equal to. Legend: T tokens, K top-k, P = T*K pairs, E experts held, H h
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable
 
 import torch
@@ -73,6 +74,7 @@ class LocalExperts(ExpertBackend):
 
     def __init__(self, layers: dict[int, ExpertWeights]):
         self.layers = layers
+        self.compute_s = 0.0  # cumulative time in expert compute, for benchmarks
 
     def forward(self, layer, hidden_states, topk_ids, topk_weights):
         return self.partial_forward(layer, hidden_states, topk_ids, topk_weights).to(hidden_states.dtype)
@@ -80,7 +82,10 @@ class LocalExperts(ExpertBackend):
     def partial_forward(self, layer, hidden_states, topk_ids, topk_weights) -> torch.Tensor:
         """The fp32 weighted sum over the experts held here; pairs for other experts contribute 0."""
         held = self.layers[layer]
-        return grouped_swiglu(hidden_states, held.slot[topk_ids], topk_weights, held.w13, held.w2)
+        start = time.perf_counter()
+        out = grouped_swiglu(hidden_states, held.slot[topk_ids], topk_weights, held.w13, held.w2)
+        self.compute_s += time.perf_counter() - start
+        return out
 
     def numel(self) -> int:
         return sum(w.numel() for w in self.layers.values())

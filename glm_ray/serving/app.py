@@ -6,6 +6,8 @@ used by `glm-ray serve` and by Serve config files (`import_path: glm_ray.serving
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from ray.serve import Application
 
 from glm_ray.config import load_model_config
@@ -58,5 +60,6 @@ def build_app(config: ServeConfig | dict) -> Application:
         name="AttentionReplica", num_replicas=cfg.attention_replicas, max_ongoing_requests=cfg.max_ongoing_requests,
         ray_actor_options=cfg.attention_resources.ray_actor_options(), **shutdown).bind(
         model_dir, engine_options, placement.to_dict(), router, cfg.snapshot_refresh_s, cfg.expert_wait_s)
+    model_name = cfg.served_model_name or Path(model_dir).name
     return Ingress.options(ray_actor_options=cfg.ingress_resources.ray_actor_options()).bind(
-        attention, router, groups, model_dir)
+        attention, router, groups, model_dir, model_name, engine_options, cfg.max_body_bytes, cfg.max_pending_requests)

@@ -8,11 +8,13 @@ import logging
 import threading
 import uuid
 
+import torch
 from ray import serve
 
 from glm_ray.engine.async_engine import AsyncLLMEngine
 from glm_ray.engine.config import EngineOptions
 from glm_ray.engine.sampling_params import SamplingParams
+from glm_ray.experts.backend import ExpertBackend
 from glm_ray.experts.policy import PowerOfTwoChoices
 from glm_ray.experts.remote import RemoteExperts
 from glm_ray.router.placement import Placement
@@ -22,12 +24,37 @@ from glm_ray.serving.protocol import delta_to_dict
 log = logging.getLogger("glm_ray.attention")
 
 
+class RoutingCounter(ExpertBackend):
+    """Counts tokens per expert per layer on their way to another backend; the counts go to the
+    router's routing statistics (imbalance, /v1/experts)."""
+
+    def __init__(self, inner: ExpertBackend, num_experts: int):
+        self.inner, self.num_experts = inner, num_experts
+        self._counts: dict[int, torch.Tensor] = {}
+        self._lock = threading.Lock()
+
+    def submit(self, layer, hidden_states, topk_ids, topk_weights):
+        counts = torch.bincount(topk_ids.reshape(-1), minlength=self.num_experts)
+        with self._lock:
+            acc = self._counts.get(layer)
+            self._counts[layer] = counts if acc is None else acc + counts
+        return self.inner.submit(layer, hidden_states, topk_ids, topk_weights)
+
+    def forward(self, layer, hidden_states, topk_ids, topk_weights):
+        return self.submit(layer, hidden_states, topk_ids, topk_weights).result()
+
+    def take_counts(self) -> dict[int, list[int]]:
+        with self._lock:
+            counts, self._counts = self._counts, {}
+        return {layer: c.tolist() for layer, c in counts.items()}
+
+
 class RouterSnapshots:
     """The replica table as last read from the router, refreshed by a background thread every
     `refresh_s` and on demand after a failed call. Never on the per-layer path."""
 
-    def __init__(self, router, refresh_s: float):
-        self.router, self.refresh_s = router, refresh_s
+    def __init__(self, router, refresh_s: float, report=None):
+        self.router, self.refresh_s, self.report = router, refresh_s, report
         self._current = Snapshot(-1, {})
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -50,6 +77,9 @@ class RouterSnapshots:
                 snap = Snapshot.from_dict(self.router.snapshot.remote().result(timeout_s=5))
                 if snap.version != self._current.version or snap.replicas != self._current.replicas:
                     self._current = snap
+                counts = self.report() if self.report else None
+                if counts:
+                    self.router.report_routing.remote(counts)
             except Exception as e:
                 log.warning("reading the router snapshot failed: %r", e)
             self._wake.wait(self.refresh_s)
@@ -64,10 +94,13 @@ class RouterSnapshots:
 class AttentionReplica:
     def __init__(self, model_dir: str, engine_options: dict, placement: dict, router,
                  refresh_s: float = 1.0, expert_wait_s: float = 10.0):
+        table = Placement.from_dict(placement)
         self.snapshots = RouterSnapshots(router, refresh_s)
-        self.experts = RemoteExperts(Placement.from_dict(placement), self.snapshots, policy=PowerOfTwoChoices(),
+        self.experts = RemoteExperts(table, self.snapshots, policy=PowerOfTwoChoices(),
                                      unavailable_wait_s=expert_wait_s)
-        self.engine = AsyncLLMEngine(model_dir, EngineOptions(**engine_options), experts=self.experts)
+        self.counter = RoutingCounter(self.experts, table.num_experts)
+        self.snapshots.report = self.counter.take_counts
+        self.engine = AsyncLLMEngine(model_dir, EngineOptions(**engine_options), experts=self.counter)
 
     async def generate(self, request: dict):
         """request: {"prompt_token_ids", "sampling_params": {...}, "request_id"?, "prompt"?}; streams
@@ -89,7 +122,13 @@ class AttentionReplica:
                 "kv_blocks": self.engine.engine.limits.num_kv_blocks}
 
     def dispatch_stats(self) -> dict:
-        return self.experts.stats.take()
+        """Counters since the last call: gRPC dispatch (calls, retries, bytes, serialise/wait/server
+        compute seconds) and engine steps (count, seconds, batched tokens)."""
+        engine = self.engine.engine.step_stats
+        out = {**self.experts.stats.take(), **{f"engine_{k}": v for k, v in engine.items()}}
+        for k in engine:
+            engine[k] = type(engine[k])()
+        return out
 
     def engine_stats(self) -> dict:
         s = self.engine.engine.scheduler.stats()

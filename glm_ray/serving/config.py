@@ -33,6 +33,7 @@ class ServeConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     model: str | None = Field(None, description="checkpoint directory; None builds/uses the built-in tiny model")
+    served_model_name: str | None = Field(None, description="the `model` clients send; default the directory's name")
     expert_groups: int = Field(2, ge=1, description="G: routed experts are split into this many groups")
     attention_replicas: int = Field(1, ge=1, description="N: attention replicas (each runs an engine)")
     expert_replicas: int | list[int] = Field(1, description="replicas per expert group: one number for all, or one per group")
@@ -49,6 +50,8 @@ class ServeConfig(BaseModel):
     max_num_batched_tokens: int = Field(2048, ge=1, description="tokens per engine step")
     max_model_len: int | None = Field(None, ge=1, description="prompt + output limit; default the model's")
     max_ongoing_requests: int = Field(256, ge=1, description="Serve's cap on concurrent calls per attention replica")
+    max_body_bytes: int = Field(32 << 20, ge=1, description="HTTP request bodies above this get 413")
+    max_pending_requests: int = Field(256, ge=1, description="requests in flight at the ingress before 429")
 
     heartbeat_interval_s: float = Field(0.5, gt=0, description="how often expert replicas heartbeat the router")
     heartbeat_ttl_s: float = Field(3.0, gt=0, description="a replica silent this long leaves the routing table")

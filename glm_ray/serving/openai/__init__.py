@@ -1,0 +1,1 @@
+"""OpenAI-compatible output parsing: reasoning split and GLM tool calls."""

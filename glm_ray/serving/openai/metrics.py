@@ -1,0 +1,50 @@
+"""Prometheus metrics of one app (its own registry, so several apps can live in one process)."""
+
+from __future__ import annotations
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+
+class Metrics:
+    content_type = CONTENT_TYPE_LATEST
+
+    def __init__(self):
+        self.registry = r = CollectorRegistry()
+        self.requests = Counter("glm_ray_requests", "HTTP requests by endpoint and status code",
+                                ["endpoint", "status"], registry=r)
+        self.ttft = Histogram("glm_ray_time_to_first_token_seconds", "From request arrival to the first token",
+                              buckets=_LATENCY_BUCKETS, registry=r)
+        self.itl = Histogram("glm_ray_inter_token_latency_seconds", "Time between output tokens of a request",
+                             buckets=_LATENCY_BUCKETS, registry=r)
+        self.prompt_tokens = Counter("glm_ray_prompt_tokens", "Prompt tokens of served requests", registry=r)
+        self.generation_tokens = Counter("glm_ray_generation_tokens", "Generated tokens", registry=r)
+        self.running = Gauge("glm_ray_num_requests_running", "Requests in the running batch", registry=r)
+        self.waiting = Gauge("glm_ray_num_requests_waiting", "Requests waiting to be scheduled", registry=r)
+        self.kv_usage = Gauge("glm_ray_kv_cache_usage_ratio", "Fraction of KV-cache blocks in use (0..1)",
+                              registry=r)
+        self.replicas = Gauge("glm_ray_expert_group_replicas", "Live replicas per expert group", ["group"],
+                              registry=r)
+        self.routed_tokens = Gauge("glm_ray_expert_group_routed_tokens", "Tokens routed to each expert group",
+                                   ["group"], registry=r)
+
+    def observe_tokens(self, arrival: float, last: float | None, now: float, num_tokens: int) -> None:
+        """One delta carrying `num_tokens` tokens arrived at `now`; `last` is the previous one's time."""
+        if last is None:
+            self.ttft.observe(now - arrival)
+            num_tokens -= 1
+            last = now
+        for _ in range(max(0, num_tokens)):
+            self.itl.observe((now - last) / max(1, num_tokens))
+
+    def render(self, stats: dict | None) -> bytes:
+        if stats:
+            self.running.set(stats.get("running", 0))
+            self.waiting.set(stats.get("waiting", 0))
+            self.kv_usage.set(stats.get("kv_cache_usage", 0.0))
+            for group, n in (stats.get("replicas") or {}).items():
+                self.replicas.labels(str(group)).set(n)
+            for group, n in (stats.get("routed_tokens") or {}).items():
+                self.routed_tokens.labels(str(group)).set(n)
+        return generate_latest(self.registry)

@@ -1,0 +1,90 @@
+"""An ASGI middleware that guards the app before any route runs: body size (413), requests in
+flight (429), and the per-endpoint request counter of /metrics (it sees every final status)."""
+
+from __future__ import annotations
+
+import json
+
+from glm_ray.serving.openai.errors import OpenAIError
+from glm_ray.serving.openai.metrics import Metrics
+
+ENDPOINTS = frozenset({"/v1/models", "/v1/completions", "/v1/chat/completions", "/health", "/metrics",
+                       "/v1/experts"})
+GENERATE_ENDPOINTS = frozenset({"/v1/completions", "/v1/chat/completions"})
+
+
+class BodyTooLarge(Exception):
+    pass
+
+
+class RequestGuard:
+    def __init__(self, app, *, max_body_bytes: int, max_pending_requests: int, metrics: Metrics):
+        self.app = app
+        self.max_body_bytes = max_body_bytes
+        self.max_pending_requests = max_pending_requests
+        self.metrics = metrics
+        self.num_pending = 0
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path = scope["path"]
+        endpoint = path if path in ENDPOINTS else "other"
+        status = {"code": 500, "started": False}
+
+        async def send_counted(message):
+            if message["type"] == "http.response.start":
+                status.update(code=message["status"], started=True)
+            await send(message)
+
+        try:
+            await self._guarded(scope, receive, send_counted, path)
+        finally:
+            self.metrics.requests.labels(endpoint, str(status["code"])).inc()
+
+    async def _guarded(self, scope, receive, send, path):
+        too_large = OpenAIError(413, f"the request body exceeds the limit of {self.max_body_bytes} bytes; "
+                                     "send a shorter prompt or conversation")
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.max_body_bytes:
+            return await _send_error(send, too_large)  # before reading a byte of the body
+        if path in GENERATE_ENDPOINTS:
+            if self.num_pending >= self.max_pending_requests:
+                busy = OpenAIError(429, f"the server has {self.num_pending} requests in flight (limit "
+                                        f"{self.max_pending_requests}); retry shortly", headers={"Retry-After": "1"})
+                return await _send_error(send, busy)
+        received = 0
+
+        async def receive_counted():
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_body_bytes:
+                    raise BodyTooLarge()
+            return message
+
+        started = False
+
+        async def send_tracked(message):
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        counted = path in GENERATE_ENDPOINTS
+        self.num_pending += counted
+        try:
+            await self.app(scope, receive_counted, send_tracked)
+        except BodyTooLarge:
+            if not started:
+                await _send_error(send, too_large)
+        finally:
+            self.num_pending -= counted
+
+
+async def _send_error(send, error: OpenAIError) -> None:
+    body = json.dumps(error.body()).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    headers += [(k.lower().encode(), v.encode()) for k, v in (error.headers or {}).items()]
+    await send({"type": "http.response.start", "status": error.status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})

@@ -1,0 +1,53 @@
+"""The OpenAI front end's `Backend` over Ray Serve handles: attention replicas stream deltas,
+the router answers health, placement and routing statistics."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+from glm_ray.config import load_model_config
+from glm_ray.engine.config import EngineLimits, EngineOptions
+from glm_ray.engine.kv_cache import kv_bytes_per_token
+from glm_ray.model.loader import resolve_dtype
+from glm_ray.tokenizer import Tokenizer
+
+
+class ServeBackend:
+    def __init__(self, attention, router, model_dir: str, model_name: str, engine_options: dict):
+        self.attention = attention
+        self.stream = attention.options(stream=True)
+        self.router = router
+        self.model_name = model_name
+        self.tokenizer = Tokenizer.from_pretrained(model_dir)
+        config = load_model_config(model_dir)
+        options = EngineOptions(**engine_options)
+        # the same resolution the engines do, so the edge rejects exactly what they would
+        limits = EngineLimits.resolve(options, config, kv_bytes_per_token(config, resolve_dtype(options.dtype, config)))
+        self.max_model_len, self.max_output_tokens = limits.max_model_len, limits.max_output_tokens
+
+    async def generate(self, request: dict) -> AsyncIterator[dict]:
+        async for delta in self.stream.generate.remote(request):
+            yield delta
+
+    async def health(self) -> tuple[bool, dict]:
+        status = await self.router.status.remote()
+        ok = not status["missing_groups"]
+        detail = {"status": "ok" if ok else f"expert groups without a live replica: {status['missing_groups']}",
+                  "model": self.model_name, "replicas": status["replicas"]}
+        return ok, detail
+
+    async def experts(self) -> dict:
+        return await self.router.status.remote()
+
+    async def stats(self) -> dict:
+        status = await self.router.status.remote()
+        engine = await self.attention.engine_stats.remote()  # one replica's view
+        placement = status["placement"]["groups"] if "groups" in status["placement"] else []
+        routed = {}
+        for per_expert in status["tokens_per_expert"].values():
+            for g, experts in enumerate(placement):
+                routed[str(g)] = routed.get(str(g), 0) + sum(per_expert[e] for e in experts)
+        used, free = engine["used_blocks"], engine["free_blocks"]
+        return {"running": engine["running"], "waiting": engine["waiting"],
+                "kv_cache_usage": used / max(1, used + free),
+                "replicas": {g: len(a) for g, a in status["replicas"].items()}, "routed_tokens": routed}
