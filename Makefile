@@ -28,7 +28,7 @@ install: $(VENV)/.installed
 install-test: $(VENV)/.installed-test
 
 serve: install
-	$(VENV)/bin/glm-ray generate "The capital of France is" --max-tokens 32
+	$(VENV)/bin/glm-ray serve $(SERVE_ARGS)
 
 # pytest exits 5 when it collects nothing: say so loudly instead of a bare make error.
 test: install-test

@@ -37,22 +37,40 @@ def grouped_swiglu(hidden_states: torch.Tensor, local_ids: torch.Tensor, weights
     flat_ids = local_ids.reshape(-1)  # [P]
     order = torch.argsort(flat_ids, stable=True)
     sorted_ids = flat_ids[order]
-    counts = torch.bincount(sorted_ids[sorted_ids >= 0], minlength=w13.shape[0]).tolist()
-    start = int((sorted_ids < 0).sum())  # skipped pairs sort first and stay zero
-    x = hidden_states[order[start:] // k]  # [P', H], grouped by expert
-    w = weights.reshape(-1)[order[start:], None].float()
-    y_sorted = torch.empty(x.shape, dtype=torch.float32, device=x.device)
+    skipped = int((sorted_ids < 0).sum())  # skipped pairs sort first and stay zero
+    order, sorted_ids = order[skipped:], sorted_ids[skipped:]
+    counts = torch.bincount(sorted_ids, minlength=w13.shape[0])
+    x = hidden_states[order // k]  # [P', H], grouped by expert
+    y = (_grouped_mm_experts if _HAS_GROUPED_MM else _looped_experts)(x, counts, w13, w2)
+    # un-sort with one row scatter, then add each token's K pairs (no index_add_, which is slow on CPU)
+    pairs = torch.zeros(t * k, hidden_states.shape[1], dtype=torch.float32, device=x.device)
+    pairs[order] = y * weights.reshape(-1)[order, None].float()
+    return pairs.view(t, k, -1).sum(dim=1)
+
+
+_HAS_GROUPED_MM = hasattr(F, "grouped_mm")
+
+
+def _grouped_mm_experts(x, counts, w13, w2) -> torch.Tensor:
+    """All experts in two grouped matmuls (torch >= 2.10): rows [offs[e-1], offs[e]) use expert e."""
+    if x.shape[0] == 0:
+        return x.float()
+    offs = torch.cumsum(counts, 0).to(torch.int32)
+    gate, up = F.grouped_mm(x, w13.transpose(1, 2), offs=offs).chunk(2, dim=-1)
+    return F.grouped_mm(F.silu(gate) * up, w2.transpose(1, 2), offs=offs).float()
+
+
+def _looped_experts(x, counts, w13, w2) -> torch.Tensor:
+    """One matmul pair per active expert: the plain path, and the fallback without grouped_mm."""
+    y = torch.empty(x.shape, dtype=torch.float32, device=x.device)
     offset = 0
-    for slot, n in enumerate(counts):
+    for slot, n in enumerate(counts.tolist()):
         if n == 0:
             continue
         gate, up = F.linear(x[offset:offset + n], w13[slot]).chunk(2, dim=-1)
-        y_sorted[offset:offset + n] = F.linear(F.silu(gate) * up, w2[slot])
+        y[offset:offset + n] = F.linear(F.silu(gate) * up, w2[slot])
         offset += n
-    # un-sort with one row scatter, then add each token's K pairs (no index_add_, which is slow on CPU)
-    pairs = torch.zeros(t * k, hidden_states.shape[1], dtype=torch.float32, device=x.device)
-    pairs[order[start:]] = y_sorted * w
-    return pairs.view(t, k, -1).sum(dim=1)
+    return y
 
 
 def reference_moe(hidden_states, topk_ids, topk_weights, experts: dict[int, tuple[torch.Tensor, torch.Tensor]]):

@@ -19,6 +19,9 @@ from glm_ray.serving.ingress import Ingress
 from glm_ray.serving.router import ExpertRouter
 
 
+DEFAULT_MODEL_NAME = "glm-ray-tiny"
+
+
 def resolve_model_dir(config: ServeConfig) -> str:
     if config.model is not None:
         return config.model
@@ -44,14 +47,17 @@ def build_app(config: ServeConfig | dict) -> Application:
     model_dir = resolve_model_dir(cfg)
     model_config = load_model_config(model_dir)
     placement = placement_for(cfg, model_config.n_routed_experts)
-    shutdown = dict(graceful_shutdown_timeout_s=cfg.graceful_shutdown_timeout_s)
+    # no per-call access logs: the router alone would log every heartbeat
+    shutdown = dict(graceful_shutdown_timeout_s=cfg.graceful_shutdown_timeout_s,
+                    logging_config={"enable_access_log": False})
 
-    router = ExpertRouter.options(ray_actor_options=cfg.router_resources.ray_actor_options()).bind(
+    router = ExpertRouter.options(ray_actor_options=cfg.router_resources.ray_actor_options(), **shutdown).bind(
         placement.to_dict(), cfg.expert_groups, cfg.heartbeat_ttl_s)
     groups = [
         ExpertGroup.options(name=f"ExpertGroup_{g}", num_replicas=cfg.replicas_of_group(g),
                             ray_actor_options=cfg.expert_resources.ray_actor_options(), **shutdown).bind(
-            model_dir, g, placement.experts_of(g), cfg.dtype, router, cfg.expert_host, cfg.heartbeat_interval_s)
+            model_dir, g, placement.experts_of(g), cfg.dtype, router, cfg.expert_host, cfg.heartbeat_interval_s,
+            cfg.threads_for(cfg.expert_resources))
         for g in range(cfg.expert_groups)
     ]
     engine_options = dict(dtype=cfg.dtype, kv_cache_memory=cfg.kv_cache_memory, max_num_seqs=cfg.max_num_seqs,
@@ -59,7 +65,8 @@ def build_app(config: ServeConfig | dict) -> Application:
     attention = AttentionReplica.options(
         name="AttentionReplica", num_replicas=cfg.attention_replicas, max_ongoing_requests=cfg.max_ongoing_requests,
         ray_actor_options=cfg.attention_resources.ray_actor_options(), **shutdown).bind(
-        model_dir, engine_options, placement.to_dict(), router, cfg.snapshot_refresh_s, cfg.expert_wait_s)
-    model_name = cfg.served_model_name or Path(model_dir).name
-    return Ingress.options(ray_actor_options=cfg.ingress_resources.ray_actor_options()).bind(
+        model_dir, engine_options, placement.to_dict(), router, cfg.snapshot_refresh_s, cfg.expert_wait_s,
+        cfg.threads_for(cfg.attention_resources))
+    model_name = cfg.served_model_name or (Path(model_dir).name if cfg.model else DEFAULT_MODEL_NAME)
+    return Ingress.options(ray_actor_options=cfg.ingress_resources.ray_actor_options(), **shutdown).bind(
         attention, router, groups, model_dir, model_name, engine_options, cfg.max_body_bytes, cfg.max_pending_requests)

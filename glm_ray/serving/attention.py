@@ -93,7 +93,8 @@ class RouterSnapshots:
 @serve.deployment(max_ongoing_requests=256, graceful_shutdown_wait_loop_s=0.1)
 class AttentionReplica:
     def __init__(self, model_dir: str, engine_options: dict, placement: dict, router,
-                 refresh_s: float = 1.0, expert_wait_s: float = 10.0):
+                 refresh_s: float = 1.0, expert_wait_s: float = 10.0, num_threads: int = 1):
+        torch.set_num_threads(num_threads)
         table = Placement.from_dict(placement)
         self.snapshots = RouterSnapshots(router, refresh_s)
         self.experts = RemoteExperts(table, self.snapshots, policy=PowerOfTwoChoices(),

@@ -58,6 +58,9 @@ class ServeConfig(BaseModel):
     snapshot_refresh_s: float = Field(1.0, gt=0, description="how often attention replicas refresh the table")
     expert_wait_s: float = Field(10.0, gt=0, description="how long a step waits for a missing expert group")
 
+    torch_threads: int | None = Field(None, ge=1, description="torch threads per attention/expert replica; "
+                                      "default its whole reserved CPUs, at least 1 (oversubscribed cores thrash)")
+
     attention_resources: Resources = Field(default_factory=Resources)
     expert_resources: Resources = Field(default_factory=Resources)
     router_resources: Resources = Field(default_factory=lambda: Resources(num_cpus=0.1))
@@ -71,6 +74,9 @@ class ServeConfig(BaseModel):
         if any(c < 1 for c in counts):
             raise ValueError(f"expert_replicas must be >= 1, got {v}")
         return v
+
+    def threads_for(self, resources: Resources) -> int:
+        return self.torch_threads or max(1, int(resources.num_cpus))
 
     def replicas_of_group(self, group: int) -> int:
         if isinstance(self.expert_replicas, int):

@@ -12,6 +12,7 @@ import logging
 import threading
 
 import ray
+import torch
 from ray import serve
 
 from glm_ray.config import load_model_config
@@ -39,7 +40,8 @@ class _LoopThread:
 @serve.deployment(max_ongoing_requests=100, graceful_shutdown_wait_loop_s=0.1)
 class ExpertGroup:
     async def __init__(self, model_dir: str, group: int, expert_ids: list[int], dtype: str, router,
-                       bind_host: str = "127.0.0.1", heartbeat_interval_s: float = 0.5):
+                       bind_host: str = "127.0.0.1", heartbeat_interval_s: float = 0.5, num_threads: int = 1):
+        torch.set_num_threads(num_threads)
         self.group, self.expert_ids, self.router = group, list(expert_ids), router
         self.heartbeat_interval_s = heartbeat_interval_s
         config = load_model_config(model_dir)

@@ -49,11 +49,21 @@ def stop(started_ray: bool) -> None:
         ray.shutdown()
 
 
+def model_name(cfg) -> str:
+    from pathlib import Path
+
+    from glm_ray.serving.app import DEFAULT_MODEL_NAME
+
+    return Path(cfg.model).name if cfg.model else DEFAULT_MODEL_NAME
+
+
 def serve_forever(cfg) -> int:
     started_ray = start(cfg)
     print(f"glm-ray serving {cfg.model or 'the built-in tiny model'}: {cfg.expert_groups} expert group(s), "
           f"{cfg.attention_replicas} attention replica(s)")
-    print(f"  HTTP  http://{cfg.host}:{cfg.http_port}/v1/generate   health: http://{cfg.host}:{cfg.http_port}/health")
+    base = f"http://{cfg.host}:{cfg.http_port}"
+    print(f"  OpenAI API  {base}/v1  (model: {cfg.served_model_name or model_name(cfg)})")
+    print(f"  health      {base}/health   metrics: {base}/metrics   experts: {base}/v1/experts")
     print("Ctrl-C to stop.", flush=True)
     stopping = []
     signal.signal(signal.SIGTERM, lambda *_: stopping.append(1))

@@ -33,6 +33,18 @@ def test_batched_experts_equal_the_per_pair_definition():
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
+def test_grouped_mm_path_equals_the_looped_path():
+    import glm_ray.experts.local as local
+
+    w13, w2 = random_experts()
+    x = torch.randn(50, H)
+    counts = torch.tensor([7, 0, 20, 3, 0, 20])
+    if not local._HAS_GROUPED_MM:
+        pytest.skip("this torch has no grouped_mm")
+    torch.testing.assert_close(local._grouped_mm_experts(x, counts, w13, w2),
+                               local._looped_experts(x, counts, w13, w2), rtol=1e-5, atol=1e-5)
+
+
 def test_expert_subsets_sum_to_the_whole():
     """Two holders of disjoint expert subsets (as two expert groups would be) add up to all experts."""
     w13, w2 = random_experts()
