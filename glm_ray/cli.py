@@ -105,6 +105,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grpc-port", type=int, default=None)
     p.add_argument("--config", default=None, help="a ServeConfig YAML file; flags override it")
     p.set_defaults(func=cmd_serve)
+
+    from glm_ray.bench.cli import add_bench_parser
+
+    add_bench_parser(sub)
     return parser
 
 

@@ -1,0 +1,187 @@
+"""`glm-ray bench`: the engine against transformers on workloads A and B, each system in its own process.
+
+This process only orchestrates (it never loads a model), so the children's peak RSS is their own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from glm_ray.bench import stats
+from glm_ray.bench.isolate import run_in_child
+from glm_ray.bench.report import compare, format_table, load_average, new_report
+from glm_ray.bench.workloads import SPECS, make_workload
+
+DEFAULT_PRESET = "small"
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
+    return value
+
+
+def _scale(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"{value} must be in (0, 1]")
+    return value
+
+
+def add_bench_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "bench", help="benchmark the engine against transformers' generate",
+        description="Offline throughput and latency of the in-process engine against transformers' generate "
+                    "on the same checkpoint, plus the machine's matmul peak and a decode step's achieved FLOP/s.")
+    p.add_argument("--model", default=None,
+                   help=f"checkpoint directory (default: the built-in {DEFAULT_PRESET} preset, built once and cached)")
+    p.add_argument("--workload", choices=[*SPECS, "all"], default="all",
+                   help="A: 64 x (32 prompt, 128 output); B: 256 mixed requests (prompts 16..512, outputs 16..256)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="compute dtype of both systems")
+    p.add_argument("--no-baseline", action="store_true", help="skip transformers")
+    p.add_argument("--distributed", action="store_true",
+                   help="also run the disaggregated app (expert groups over gRPC) on a local Ray cluster")
+    p.add_argument("--expert-groups", type=_positive_int, default=2, help="G of the --distributed run")
+    p.add_argument("--no-flops", action="store_true", help="skip the matmul peak and decode-step FLOP/s measurement")
+    p.add_argument("--output", default=None, metavar="FILE.json", help="write the full JSON report here")
+    p.add_argument("--num-requests", type=_positive_int, default=None,
+                   help="use only the first N requests of each workload (a quick smoke run)")
+    p.add_argument("--scale", type=_scale, default=1.0,
+                   help="shrink each workload's request count and lengths by this factor in (0, 1]")
+    p.add_argument("--seed", type=int, default=0, help="seed of the request sets")
+    p.add_argument("--repeat", type=_positive_int, default=1,
+                   help="run each system this many times, alternating, and report each one's best run "
+                        "(a busy machine only ever slows a run down)")
+    p.add_argument("--kv-cache-mib", type=_positive_int, default=2048,
+                   help="the engine's KV cache size in MiB (allocated up front, so it shows in its peak RSS)")
+    p.add_argument("--threads", type=_positive_int, default=None,
+                   help="torch threads in each measured process (default: torch's choice, one per core)")
+    p.add_argument("--decode-batch", type=_positive_int, default=64, help="batch of the decode-step FLOP measurement")
+    p.add_argument("--matmul-size", type=_positive_int, default=2048, help="n of the n^3 matmul peak measurement")
+    p.set_defaults(func=run_bench)
+    return p
+
+
+def _build_default_model() -> dict:
+    from glm_ray.model.default import default_model_dir
+
+    return {"path": str(default_model_dir(DEFAULT_PRESET, seed=0))}
+
+
+def resolve_model_dir(model: str | None) -> Path:
+    if model is None:
+        from glm_ray.model.default import FORMAT_VERSION, cache_root
+
+        path = cache_root() / "models" / f"{DEFAULT_PRESET}-seed0-v{FORMAT_VERSION}"
+        if (path / "config.json").is_file():
+            return path
+        _log(f"building the {DEFAULT_PRESET} model in {path} (once) ...")
+        return Path(run_in_child(_build_default_model)["path"])  # ~1 GB for a moment: not in this process
+    path = Path(model)
+    if not (path / "config.json").is_file():
+        raise SystemExit(f"glm-ray: error: --model {model}: no config.json there (build one with "
+                         "`glm-ray make-model --out DIR`)")
+    return path
+
+
+def _log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _best(runs: list[dict]) -> dict:
+    """The run with the highest throughput: other processes on the machine only ever slow a run down."""
+    best = max(runs, key=lambda r: r["output_tokens_per_s"])
+    return {**best, "repeats_output_tokens_per_s": [r["output_tokens_per_s"] for r in runs]}
+
+
+def bench_workload(name: str, model_dir: Path, vocab_size: int, args) -> dict:
+    """Both systems on one workload, each run in its own process (alternating when repeated), and
+    how they compare."""
+    from glm_ray.bench.hf_baseline import run_hf
+    from glm_ray.bench.offline import run_engine
+
+    workload = make_workload(name, vocab_size, args.seed, args.num_requests, args.scale)
+    _log(f"workload {name}: {workload.num_requests} requests, {workload.num_output_tokens} output tokens")
+    progress = sys.stderr.isatty()
+    runs = {"engine": [], "hf": []}
+    tokens = {}
+    for i in range(args.repeat):
+        _log(f"  engine ({i + 1}/{args.repeat}) ...")
+        run = run_in_child(run_engine, model_dir, workload, args.dtype, progress, args.kv_cache_mib << 20,
+                           num_threads=args.threads)
+        runs["engine"].append(stats.summarize_run(run))
+        tokens["engine"] = run["token_ids"]
+        if not args.no_baseline:
+            _log(f"  transformers ({i + 1}/{args.repeat}) ...")
+            run = run_in_child(run_hf, model_dir, workload, args.dtype, progress, num_threads=args.threads)
+            runs["hf"].append(stats.summarize_run(run))
+            tokens["hf"] = run["token_ids"]
+    entry = {"workload": workload.summary(), "engine": _best(runs["engine"])}
+    if args.distributed:
+        from glm_ray.bench.distributed import run_distributed
+
+        _log(f"  distributed app (G={args.expert_groups}, N=1) on a local Ray cluster ...")
+        run = run_in_child(run_distributed, model_dir, workload, args.dtype, args.expert_groups, 1)
+        entry["distributed"] = {**stats.summarize_run(run), "breakdown": run["breakdown"]}
+        entry["distributed_vs_engine"] = (entry["distributed"]["output_tokens_per_s"]
+                                          / entry["engine"]["output_tokens_per_s"])
+        entry["distributed_agreement"] = stats.token_agreement(run["token_ids"], tokens["engine"])
+    if not args.no_baseline:
+        entry["hf"] = _best(runs["hf"])
+        entry["speedup"] = compare(entry["engine"], entry["hf"], name)
+        entry["agreement"] = stats.token_agreement(tokens["engine"], tokens["hf"])
+    return entry
+
+
+def run_bench(args) -> int:
+    from glm_ray.bench.flops import run_flops
+    from glm_ray.config import load_model_config
+
+    model_dir = resolve_model_dir(args.model)
+    vocab_size = load_model_config(model_dir).vocab_size
+    report = new_report(sys.argv, str(model_dir), args.dtype, args.seed)
+    report["arguments"] = {k: v for k, v in vars(args).items() if k != "func"}
+    for name in (list(SPECS) if args.workload == "all" else [args.workload]):
+        report["workloads"][name] = bench_workload(name, model_dir, vocab_size, args)
+    if not args.no_flops:
+        _log("matmul peak and decode step ...")
+        report["flops"] = run_in_child(run_flops, model_dir, args.dtype, args.decode_batch, args.matmul_size,
+                                       args.kv_cache_mib << 20, num_threads=args.threads)
+    report["machine"]["load_average_at_end"] = load_average()
+
+    print(format_table(report))
+    for name, entry in report["workloads"].items():
+        if "distributed" in entry:
+            d, b = entry["distributed"], entry["distributed"]["breakdown"]
+            print(f"workload {name} distributed: {d['output_tokens_per_s']:.1f} tok/s = "
+                  f"{entry['distributed_vs_engine']:.2f}x in-process (target >= 0.7x); per step "
+                  f"{b['step_ms']:.1f} ms: attention {b['attention_compute_ms']:.1f}, dispatch wait "
+                  f"{b['dispatch_wait_ms']:.1f}, serialisation {b['serialisation_ms']:.1f}, expert compute "
+                  f"{b['expert_compute_ms']:.1f} (summed over groups)")
+            if "breakdown" in entry["engine"]:
+                e = entry["engine"]["breakdown"]
+                print(f"workload {name} in-process per step {e['step_ms']:.1f} ms: attention and rest "
+                      f"{e['attention_compute_ms']:.1f}, expert compute {e['expert_compute_ms']:.1f}")
+    if args.output:
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.output).write_text(json.dumps(report, indent=2) + "\n")
+        _log(f"wrote {args.output}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m glm_ray.bench` until `glm-ray bench` is hooked into glm_ray/cli.py."""
+    parser = argparse.ArgumentParser(prog="glm-ray")
+    add_bench_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["bench", *(sys.argv[1:] if argv is None else argv)])
+    return args.func(args)

@@ -1,0 +1,97 @@
+"""`glm-ray bench`: request sets, the statistics, the FLOP count, and one tiny end-to-end report."""
+
+import argparse
+import json
+
+import pytest
+
+from glm_ray.bench import add_bench_parser, run_bench
+from glm_ray.bench.flops import run_flops, step_bytes, token_flops
+from glm_ray.bench.report import format_table, new_report
+from glm_ray.bench.stats import inter_token_gaps, percentile, token_agreement
+from glm_ray.bench.workloads import NUM_SPECIAL_TOKENS, make_workload
+from glm_ray.config import config_from_dict
+from glm_ray.model.synthetic import preset_config
+
+
+def test_workloads_match_the_issue_and_are_seeded():
+    a = make_workload("A", 1024, seed=0)
+    assert a.num_requests == 64 and {len(p) for p in a.prompts} == {32} and set(a.output_lens) == {128}
+    b = make_workload("B", 1024, seed=0)
+    assert b.num_requests == 256 and b.max_num_seqs == 64
+    assert all(16 <= len(p) <= 512 for p in b.prompts) and all(16 <= n <= 256 for n in b.output_lens)
+    assert max(t for p in b.prompts for t in p) < 1024 - NUM_SPECIAL_TOKENS
+    assert make_workload("B", 1024, seed=0) == b and make_workload("B", 1024, seed=1) != b
+    cut = make_workload("B", 1024, seed=0, num_requests=10)
+    assert cut.prompts == b.prompts[:10] and cut.output_lens == b.output_lens[:10]
+    small = make_workload("B", 1024, seed=0, scale=0.25)
+    assert small.num_requests == 64 and all(4 <= n <= 64 for n in small.output_lens)
+    with pytest.raises(ValueError, match="unknown workload"):
+        make_workload("C", 1024)
+
+
+def test_statistics():
+    assert percentile([], 50) is None
+    assert percentile([3.0, 1.0, 2.0], 50) == 2.0
+    assert percentile([0.0, 10.0], 99) == pytest.approx(9.9)
+    assert inter_token_gaps([[0.0, 1.0, 3.0], [5.0], []]) == [1.0, 2.0]
+    agreement = token_agreement([[1, 2, 3], [4, 5]], [[1, 2, 3], [4, 6]])
+    assert agreement["identical_requests"] == 1 and agreement["matching_prefix_token_fraction"] == pytest.approx(0.8)
+
+
+def test_decode_flops_of_the_small_preset():
+    config = config_from_dict(preset_config("small"))
+    flops = token_flops(config, context_len=0)
+    # 2 x (8 x (qkv 512x768 + o 512x512) + dense 3x512x1024 + 7 x (router 512x32 + 5 experts x 3x512x256)
+    #      + lm_head 512x1024)
+    assert sum(flops.values()) == 2 * (8 * (512 * 768 + 512 * 512) + 3 * 512 * 1024
+                                       + 7 * (512 * 32 + 5 * 3 * 512 * 256) + 512 * 1024)
+    assert 0.040e9 < sum(flops.values()) < 0.044e9  # ray-notes: ~0.042 GFLOP per token
+    assert token_flops(config, 100)["attention_qk_pv"] == 4 * 8 * 8 * 64 * 100
+    traffic = step_bytes(config, [40] * 64, itemsize=4)
+    assert traffic["routed_experts"] == pytest.approx(4 * 7 * 32 * 3 * 512 * 256, rel=1e-3)  # all experts at B=64
+    assert traffic["kv_cache"] == 4 * 2 * 8 * 128 * 40 * 64
+
+
+def test_bench_writes_a_sane_report(tiny_model_dir, tmp_path):
+    model_dir = tiny_model_dir
+    out = tmp_path / "report.json"
+    parser = argparse.ArgumentParser()
+    add_bench_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["bench", "--model", str(model_dir), "--workload", "B", "--num-requests", "4",
+                              "--scale", "0.125", "--output", str(out), "--matmul-size", "128",
+                              "--no-flops", "--kv-cache-mib", "16"])
+    assert run_bench(args) == 0
+
+    report = json.loads(out.read_text())
+    assert report["machine"]["cpu_count"] >= 1 and report["machine"]["torch"] and report["date"]
+    assert report["command"]
+    entry = report["workloads"]["B"]
+    want_tokens = entry["workload"]["num_output_tokens"]
+    assert entry["workload"]["num_requests"] == 4
+    for system in ("engine", "hf"):
+        s = entry[system]
+        assert s["num_requests"] == 4 and s["num_output_tokens"] == want_tokens
+        assert s["num_generated_tokens"] >= want_tokens
+        assert s["output_tokens_per_s"] > 0 and s["wall_time_s"] > 0
+        for metric in ("ttft_ms", "itl_ms"):
+            assert 0 <= s[metric]["p50"] <= s[metric]["p99"] <= s[metric]["max"]
+        assert s["peak_rss_mib"] > 0
+    assert entry["engine"]["num_generated_tokens"] == want_tokens
+    assert entry["speedup"]["output_tokens_per_s"] > 0 and entry["speedup"]["target_output_tokens_per_s"] == 2.0
+    assert entry["agreement"]["num_requests"] == 4
+
+    assert "workload B" in format_table(report)
+
+
+def test_flops_figures(tiny_model_dir):
+    flops = run_flops(tiny_model_dir, batch=4, matmul_size=128, kv_cache_memory=16 << 20, bandwidth_mib=16)
+    assert {"float32", "bfloat16"} <= set(flops["matmul_peak"])
+    assert all(p["gflops"] > 0 for p in flops["matmul_peak"].values())
+    decode = flops["decode_step"]
+    assert decode["batch"] == 4 and decode["num_timed_steps"] == 16
+    assert decode["flops_per_step"] > 0 and decode["achieved_gflops"] > 0 and decode["achieved_read_gbps"] > 0
+    assert 0 < flops["decode_fraction_of_peak"] and flops["memory_bandwidth"]["gbps"] > 0
+    report = new_report(["glm-ray", "bench"], str(tiny_model_dir), "float32", 0)
+    report["flops"] = flops
+    assert "decode step, batch 4" in format_table(report)
