@@ -11,21 +11,12 @@ import sys
 from pathlib import Path
 
 from glm_ray.bench import stats
+from glm_ray.cli import _positive_int
 from glm_ray.bench.isolate import run_in_child
 from glm_ray.bench.report import compare, format_table, load_average, new_report
 from glm_ray.bench.workloads import SPECS, make_workload
 
 DEFAULT_PRESET = "small"
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
-    return value
 
 
 def _scale(text: str) -> float:

@@ -21,20 +21,8 @@ from glm_ray.engine.sampler import Sampler, prompt_logprobs
 from glm_ray.engine.sampling_params import SamplingParams
 from glm_ray.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from glm_ray.experts.backend import ExpertBackend
-from glm_ray.experts.local import LocalExperts
-from glm_ray.model.glm4_moe import Glm4MoeModel
-from glm_ray.model.loader import load_weights, resolve_dtype
+from glm_ray.model.loader import load_model, resolve_dtype
 from glm_ray.tokenizer import Tokenizer
-
-
-def build_model(model_dir: Path, config, dtype: torch.dtype, with_experts: bool):
-    """The non-expert model, plus LocalExperts when this process holds the routed experts."""
-    weights = load_weights(model_dir, config, dtype=dtype, expert_ids=None if with_experts else [])
-    with torch.device("meta"):
-        model = Glm4MoeModel(config)
-    model.load_state_dict(weights.dense, strict=True, assign=True)
-    model.rotary = type(model.rotary)(config.rotary_dim, config.rope_theta)
-    return model.eval(), (LocalExperts(weights.experts) if with_experts else None)
 
 
 class LLMEngine:
@@ -44,7 +32,7 @@ class LLMEngine:
         self.model_config = load_model_config(self.model_dir)
         self.dtype = resolve_dtype(self.options.dtype, self.model_config)
         self.tokenizer = Tokenizer.from_pretrained(self.model_dir)
-        self.model, local = build_model(self.model_dir, self.model_config, self.dtype, experts is None)
+        self.model, local, _ = load_model(self.model_dir, dtype=self.dtype, with_experts=experts is None)
         self.experts = experts or local
         self.limits = EngineLimits.resolve(self.options, self.model_config,
                                            kv_bytes_per_token(self.model_config, self.dtype))

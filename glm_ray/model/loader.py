@@ -191,14 +191,17 @@ def load_weights(
     return LoadedWeights(out, experts, mtp, reader.read)
 
 
-def load_model(model_dir: str | Path, *, dtype: str | torch.dtype = "auto", progress: bool | None = None):
-    """The whole model in-process: (Glm4MoeModel, LocalExperts, ModelConfig)."""
+def load_model(model_dir: str | Path, *, dtype: str | torch.dtype = "auto", progress: bool | None = None,
+               with_experts: bool = True):
+    """(Glm4MoeModel, LocalExperts or None, ModelConfig). `with_experts=False` reads no routed-expert
+    tensor (an attention replica, whose experts are remote)."""
     from glm_ray.model.glm4_moe import Glm4MoeModel
 
     config = load_model_config(model_dir)
-    weights = load_weights(model_dir, config, dtype=dtype, progress=progress)
+    weights = load_weights(model_dir, config, dtype=dtype, progress=progress,
+                           expert_ids=None if with_experts else [])
     with torch.device("meta"):
         model = Glm4MoeModel(config)
     model.load_state_dict(weights.dense, strict=True, assign=True)
     model.rotary = type(model.rotary)(config.rotary_dim, config.rope_theta)  # rebuild the buffer off meta
-    return model.eval(), LocalExperts(weights.experts), config
+    return model.eval(), (LocalExperts(weights.experts) if with_experts else None), config
