@@ -1,10 +1,11 @@
 """Paged KV cache storage and the attention backend that reads and writes it.
 
-Storage is one flat slot array per layer ([num_blocks * block_size, Hkv, D] for k and for v); a
-sequence's block table maps its positions to slots. Prefill chunks attend one by one; decode
-tokens (one query each) attend together in one padded, masked call per layer. Both use the same
-`causal_attention` definition as the reference cache for the math.
-Legend: T step tokens, B decode sequences, L longest context, Hq/Hkv heads, D head_dim.
+Storage is one block array per layer ([num_blocks, block_size, Hkv, D] for k and for v); a
+sequence's block table maps its positions to blocks. Reads gather whole blocks (a block is one
+contiguous run of memory, so the copy runs at memory speed), never single slots. Prefill chunks
+attend one by one; decode tokens (one query each) attend together in one padded, masked call per
+layer, with each KV head's group of query heads batched as that head's queries (no K/V repeat).
+Legend: T step tokens, B decode sequences, N blocks, L = N * block_size, Hq/Hkv heads, D head_dim.
 """
 
 from __future__ import annotations
@@ -25,25 +26,21 @@ def kv_bytes_per_token(config: ModelConfig, dtype: torch.dtype) -> int:
 class PagedKVCache:
     def __init__(self, config: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype):
         self.num_blocks, self.block_size = num_blocks, block_size
-        shape = (num_blocks * block_size, config.num_key_value_heads, config.head_dim)
+        shape = (num_blocks, block_size, config.num_key_value_heads, config.head_dim)
         self.k = [torch.zeros(shape, dtype=dtype) for _ in range(config.num_hidden_layers)]
         self.v = [torch.zeros(shape, dtype=dtype) for _ in range(config.num_hidden_layers)]
-
-    def slots(self, block_table: list[int], num_positions: int) -> torch.Tensor:
-        """Slot of every position 0..num_positions-1 of a sequence -> [num_positions]."""
-        blocks = torch.tensor(block_table, dtype=torch.long)
-        per_block = blocks[:, None] * self.block_size + torch.arange(self.block_size)
-        return per_block.reshape(-1)[:num_positions]
 
 
 @dataclass
 class StepChunk:
     """One sequence's share of a step: its queries are tokens [offset, offset + num_tokens) of the
-    flat batch; `context_slots` are the slots of all its positions up to the last query."""
+    flat batch, at positions [context_len - num_tokens, context_len); `blocks` is its block table
+    (at least ceil(context_len / block_size) entries)."""
 
     offset: int
     num_tokens: int
-    context_slots: torch.Tensor  # [context_len]
+    context_len: int
+    blocks: list[int]
 
 
 class PagedAttention:
@@ -51,32 +48,77 @@ class PagedAttention:
 
     def __init__(self, cache: PagedKVCache, chunks: list[StepChunk]):
         self.cache = cache
-        self.slot_mapping = torch.cat([c.context_slots[-c.num_tokens:] for c in chunks])  # [T]
-        self.prefills = [c for c in chunks if c.num_tokens > 1]
-        decodes = [c for c in chunks if c.num_tokens == 1]
-        self.decode_rows = torch.tensor([c.offset for c in decodes], dtype=torch.long)
-        if decodes:
-            lens = torch.tensor([c.context_slots.numel() for c in decodes])
-            longest = int(lens.max())
-            padded = torch.zeros(len(decodes), longest, dtype=torch.long)  # [B, L], pad with slot 0
-            for i, c in enumerate(decodes):
-                padded[i, :c.context_slots.numel()] = c.context_slots
-            self.decode_slots = padded
-            self.decode_mask = (torch.arange(longest)[None, :] < lens[:, None])[:, None, None, :]  # [B,1,1,L]
+        bs = cache.block_size
+        slots = []  # the slot (block * block_size + offset) each new token is written to, as plain ints
+        for c in chunks:
+            for pos in range(c.context_len - c.num_tokens, c.context_len):
+                slots.append(c.blocks[pos // bs] * bs + pos % bs)
+        self.slot_mapping = torch.tensor(slots, dtype=torch.long)  # [T]
+        self.prefills = [(c, torch.tensor(c.blocks[:_num_blocks(c.context_len, bs)], dtype=torch.long))
+                         for c in chunks if c.num_tokens > 1]
+        decodes = sorted((c for c in chunks if c.num_tokens == 1), key=lambda c: c.context_len)
+        # decodes of similar length attend together: each bucket is padded to its own longest
+        self.decode_buckets = [_DecodeBucket(part, bs, cache.k[0].dtype) for part in _split(decodes)]
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
         k_cache, v_cache = self.cache.k[layer], self.cache.v[layer]
-        k_cache[self.slot_mapping] = k
-        v_cache[self.slot_mapping] = v
+        flat_k, flat_v = k_cache.view(-1, *k_cache.shape[2:]), v_cache.view(-1, *v_cache.shape[2:])
+        flat_k[self.slot_mapping] = k
+        flat_v[self.slot_mapping] = v
         out = torch.empty_like(q)
-        for c in self.prefills:
+        for c, blocks in self.prefills:
             rows = slice(c.offset, c.offset + c.num_tokens)
-            out[rows] = causal_attention(q[rows], k_cache[c.context_slots], v_cache[c.context_slots], scale)
-        if self.decode_rows.numel():
-            qd = q[self.decode_rows][:, :, None, :]  # [B, Hq, 1, D]
-            kd = k_cache[self.decode_slots].transpose(1, 2)  # [B, Hkv, L, D]
-            vd = v_cache[self.decode_slots].transpose(1, 2)
-            od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=self.decode_mask, scale=scale,
-                                                enable_gqa=qd.shape[1] != kd.shape[1])
-            out[self.decode_rows] = od[:, :, 0, :]
+            if c.num_tokens == c.context_len:  # a whole prompt: its keys are this step's own
+                kc, vc = k[rows], v[rows]
+            else:
+                kc = k_cache.index_select(0, blocks).flatten(0, 1)[:c.context_len]  # [Tk, Hkv, D]
+                vc = v_cache.index_select(0, blocks).flatten(0, 1)[:c.context_len]
+            out[rows] = causal_attention(q[rows], kc, vc, scale)
+        for bucket in self.decode_buckets:
+            out[bucket.rows] = bucket.attend(q, k_cache, v_cache, scale)
         return out
+
+
+class _DecodeBucket:
+    """Decode queries that attend in one padded call: their block tables padded to the longest
+    (with block 0) and an additive mask hiding the padding, built once per step for every layer."""
+
+    def __init__(self, decodes: list[StepChunk], block_size: int, dtype: torch.dtype):
+        self.rows = torch.tensor([c.offset for c in decodes], dtype=torch.long)
+        width = max(_num_blocks(c.context_len, block_size) for c in decodes)
+        table = []  # [B * N], each row padded with block 0
+        for c in decodes:
+            n = _num_blocks(c.context_len, block_size)
+            table += c.blocks[:n]
+            table += [0] * (width - n)
+        self.blocks = torch.tensor(table, dtype=torch.long)
+        lens = torch.tensor([c.context_len for c in decodes])
+        visible = torch.arange(width * block_size)[None, :] < lens[:, None]  # [B, L]
+        self.mask = torch.zeros(visible.shape, dtype=dtype).masked_fill_(~visible, float("-inf"))[:, None, None, :]
+
+    def attend(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, scale: float) -> torch.Tensor:
+        b, hq, d = len(self.rows), q.shape[1], q.shape[2]
+        hkv = k_cache.shape[2]
+        k = k_cache.index_select(0, self.blocks).view(b, -1, hkv, d).transpose(1, 2)  # [B, Hkv, L, D]
+        v = v_cache.index_select(0, self.blocks).view(b, -1, hkv, d).transpose(1, 2)
+        # query head h reads KV head h // (Hq / Hkv): each KV head's query heads are its queries
+        qd = q[self.rows].view(b, hkv, hq // hkv, d)
+        out = F.scaled_dot_product_attention(qd, k, v, attn_mask=self.mask, scale=scale)  # [B, Hkv, Hq/Hkv, D]
+        return out.reshape(b, hq, d)
+
+
+MAX_DECODE_BUCKETS = 4
+MIN_DECODE_BUCKET = 16  # fewer sequences than this share one call (a call has a fixed cost)
+
+
+def _split(decodes: list[StepChunk]) -> list[list[StepChunk]]:
+    """Length-sorted decodes in up to MAX_DECODE_BUCKETS runs of equal size."""
+    if not decodes:
+        return []
+    n = max(1, min(MAX_DECODE_BUCKETS, len(decodes) // MIN_DECODE_BUCKET))
+    bounds = [round(i * len(decodes) / n) for i in range(n + 1)]
+    return [decodes[a:b] for a, b in zip(bounds, bounds[1:])]
+
+
+def _num_blocks(num_positions: int, block_size: int) -> int:
+    return -(-num_positions // block_size)

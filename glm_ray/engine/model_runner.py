@@ -33,11 +33,12 @@ class ModelRunner:
         offset = 0
         for c in chunks:
             ids.extend(c.token_ids)
-            positions.append(torch.arange(c.start, c.end))
-            step_chunks.append(StepChunk(offset, c.num_tokens, self.cache.slots(c.seq.block_table, c.end)))
+            positions.extend(range(c.start, c.end))
+            step_chunks.append(StepChunk(offset, c.num_tokens, c.end, c.seq.block_table))
             offset += c.num_tokens
         attn = PagedAttention(self.cache, step_chunks)
-        hidden = self.model(torch.tensor(ids, dtype=torch.long), torch.cat(positions), attn, self.experts)  # [T, H]
+        hidden = self.model(torch.tensor(ids, dtype=torch.long), torch.tensor(positions, dtype=torch.long), attn,
+                            self.experts)  # [T, H]
 
         prompt_logits = {}
         for c, sc in zip(chunks, step_chunks):

@@ -41,7 +41,7 @@ def grouped_swiglu(hidden_states: torch.Tensor, local_ids: torch.Tensor, weights
     order, sorted_ids = order[skipped:], sorted_ids[skipped:]
     counts = torch.bincount(sorted_ids, minlength=w13.shape[0])
     x = hidden_states[order // k]  # [P', H], grouped by expert
-    y = (_grouped_mm_experts if _HAS_GROUPED_MM else _looped_experts)(x, counts, w13, w2)
+    y = _experts_path(counts)(x, counts, w13, w2)
     # un-sort with one row scatter, then add each token's K pairs (no index_add_, which is slow on CPU)
     pairs = torch.zeros(t * k, hidden_states.shape[1], dtype=torch.float32, device=x.device)
     pairs[order] = y * weights.reshape(-1)[order, None].float()
@@ -49,6 +49,31 @@ def grouped_swiglu(hidden_states: torch.Tensor, local_ids: torch.Tensor, weights
 
 
 _HAS_GROUPED_MM = hasattr(F, "grouped_mm")
+PADDED_MAX_ROWS = 32  # up to this many tokens per expert, one padded bmm beats grouped_mm on CPU
+
+
+def _experts_path(counts: torch.Tensor):
+    """Few tokens per expert (decode) is memory bound: a padded batched matmul over all experts
+    streams the weights fastest, as long as nearly every expert has work (an idle expert's weights
+    would be read for nothing). Otherwise grouped_mm runs each expert on exactly its rows."""
+    if not _HAS_GROUPED_MM:
+        return _looped_experts
+    if counts.numel() and int(counts.max()) <= PADDED_MAX_ROWS and 4 * int((counts > 0).sum()) >= 3 * counts.numel():
+        return _padded_experts
+    return _grouped_mm_experts
+
+
+def _padded_experts(x, counts, w13, w2) -> torch.Tensor:
+    """Rows of each expert packed into [E, max count, H] (zeros after its own), two bmm calls."""
+    if x.shape[0] == 0:
+        return x.float()
+    e = counts.numel()
+    expert = torch.repeat_interleave(torch.arange(e), counts)  # [P'] expert of each sorted row
+    within = torch.arange(x.shape[0]) - (torch.cumsum(counts, 0) - counts)[expert]  # row inside its expert
+    packed = x.new_zeros(e, int(counts.max()), x.shape[1])
+    packed[expert, within] = x
+    gate, up = torch.bmm(packed, w13.transpose(1, 2)).chunk(2, dim=-1)
+    return torch.bmm(F.silu(gate) * up, w2.transpose(1, 2))[expert, within].float()
 
 
 def _grouped_mm_experts(x, counts, w13, w2) -> torch.Tensor:

@@ -45,6 +45,29 @@ def test_grouped_mm_path_equals_the_looped_path():
                                local._looped_experts(x, counts, w13, w2), rtol=1e-5, atol=1e-5)
 
 
+def test_padded_path_equals_the_looped_path():
+    import glm_ray.experts.local as local
+
+    w13, w2 = random_experts()
+    x = torch.randn(50, H)
+    counts = torch.tensor([7, 0, 20, 3, 0, 20])  # an idle expert and uneven counts: padding must not leak
+    torch.testing.assert_close(local._padded_experts(x, counts, w13, w2),
+                               local._looped_experts(x, counts, w13, w2), rtol=1e-5, atol=1e-5)
+
+
+def test_path_choice_follows_the_rows_per_expert():
+    import glm_ray.experts.local as local
+
+    if not local._HAS_GROUPED_MM:
+        pytest.skip("this torch has no grouped_mm")
+    decode = torch.full((32,), 8)  # every expert busy, few rows each
+    assert local._experts_path(decode) is local._padded_experts
+    assert local._experts_path(torch.full((32,), 300)) is local._grouped_mm_experts  # prefill
+    mostly_idle = torch.zeros(32, dtype=torch.long)
+    mostly_idle[:4] = 8
+    assert local._experts_path(mostly_idle) is local._grouped_mm_experts
+
+
 def test_expert_subsets_sum_to_the_whole():
     """Two holders of disjoint expert subsets (as two expert groups would be) add up to all experts."""
     w13, w2 = random_experts()

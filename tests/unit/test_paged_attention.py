@@ -1,0 +1,60 @@
+"""PagedAttention against the plain per-sequence definition: block gathers, length buckets, GQA."""
+
+import random
+
+import torch
+
+from glm_ray.config import config_from_dict
+from glm_ray.engine.kv_cache import MAX_DECODE_BUCKETS, PagedAttention, PagedKVCache, StepChunk, _split
+from glm_ray.model.attention import causal_attention
+from glm_ray.model.synthetic import preset_config
+
+HQ, HKV, D, BS = 8, 2, 16, 4
+
+
+def _config():
+    return config_from_dict(preset_config("tiny", {"num_attention_heads": HQ, "num_key_value_heads": HKV,
+                                                   "head_dim": D, "num_hidden_layers": 1}))
+
+
+def test_mixed_step_matches_per_sequence_attention():
+    """40 decodes of lengths 1..90 (several buckets), a whole prompt and a continued prompt, with
+    scattered blocks: every query row equals causal attention over that sequence's own keys."""
+    rng = random.Random(0)
+    g = torch.Generator().manual_seed(0)
+    cache = PagedKVCache(_config(), num_blocks=2000, block_size=BS, dtype=torch.float32)
+    free = list(range(1, 2000))
+    rng.shuffle(free)
+    # (context_len, num_new_tokens): decodes, one fresh prompt, one prompt continued after 10 cached tokens
+    shapes = [(rng.randint(1, 90), 1) for _ in range(40)] + [(13, 13), (25, 15)]
+    chunks, history, offset = [], [], 0
+    for context_len, n in shapes:
+        blocks = [free.pop() for _ in range(-(-context_len // BS))]
+        k_all, v_all = torch.randn(context_len, HKV, D, generator=g), torch.randn(context_len, HKV, D, generator=g)
+        cached = context_len - n  # earlier positions are already in the cache
+        for pos in range(cached):
+            cache.k[0][blocks[pos // BS], pos % BS] = k_all[pos]
+            cache.v[0][blocks[pos // BS], pos % BS] = v_all[pos]
+        chunks.append(StepChunk(offset, n, context_len, blocks))
+        history.append((k_all, v_all))
+        offset += n
+    q = torch.randn(offset, HQ, D, generator=g)
+    k_new = torch.cat([k[c.context_len - c.num_tokens:] for c, (k, _) in zip(chunks, history)])
+    v_new = torch.cat([v[c.context_len - c.num_tokens:] for c, (_, v) in zip(chunks, history)])
+
+    attn = PagedAttention(cache, chunks)
+    assert len(attn.decode_buckets) == 2  # 40 decodes: buckets of at least 16
+    out = attn.attend(0, q, k_new, v_new, scale=D**-0.5)
+    for c, (k_all, v_all) in zip(chunks, history):
+        rows = slice(c.offset, c.offset + c.num_tokens)
+        want = causal_attention(q[rows], k_all, v_all, D**-0.5)
+        torch.testing.assert_close(out[rows], want, rtol=1e-5, atol=1e-5)
+
+
+def test_buckets_are_length_sorted_runs_of_similar_size():
+    chunks = [StepChunk(i, 1, length, []) for i, length in enumerate(range(100, 0, -1))]
+    parts = _split(sorted(chunks, key=lambda c: c.context_len))
+    assert len(parts) == MAX_DECODE_BUCKETS
+    assert sum(len(p) for p in parts) == 100 and max(map(len, parts)) - min(map(len, parts)) <= 1
+    assert all(a[-1].context_len <= b[0].context_len for a, b in zip(parts, parts[1:]))
+    assert len(_split(chunks[:10])) == 1 and _split([]) == []
