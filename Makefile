@@ -16,7 +16,8 @@ $(VENV)/.torch: | $(PY)
 	$(PIP) install -q $(TORCH_PIN)
 	touch $@
 
-$(VENV)/.installed: pyproject.toml $(VENV)/.torch
+# a new or changed .proto recompiles: install runs setup.py's build_protos
+$(VENV)/.installed: pyproject.toml setup.py $(wildcard protos/glm_ray/v1/*.proto) $(VENV)/.torch
 	$(PIP) install -q -e .
 	touch $@
 

@@ -17,6 +17,20 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def number_in(low: float, high: float, *, low_open: bool = False):
+    """An argparse type: a float in [low, high] (or (low, high]), the message naming the value."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not (low < value if low_open else low <= value) or value > high:
+            raise argparse.ArgumentTypeError(f"{value} must be in {'(' if low_open else '['}{low}, {high}]")
+        return value
+
+    return parse
+
+
 def _model_dir(args) -> Path:
     from glm_ray.model.default import default_model_dir
 
@@ -75,6 +89,46 @@ def cmd_serve(args) -> int:
     return serve_forever(cfg)
 
 
+def _sampling(args) -> dict:
+    out = {"temperature": args.temperature, "max_tokens": args.max_tokens}
+    if args.top_p is not None:
+        out["top_p"] = args.top_p
+    return {k: v for k, v in out.items() if v is not None}
+
+
+def cmd_chat(args) -> int:
+    from glm_ray.chat_repl import LocalChat, RemoteChat, run_chat
+    from glm_ray.client import ClientError
+
+    if args.url and args.model:
+        raise SystemExit("glm-ray: error: give --url (a running server) or --model (in-process), not both")
+    try:
+        if args.url:
+            session = RemoteChat(args.url, _sampling(args), not args.no_thinking)
+        else:
+            from glm_ray.config import ConfigError
+            from glm_ray.model.loader import CheckpointError
+
+            try:
+                session = LocalChat(_model_dir(args), _sampling(args), not args.no_thinking, args.dtype)
+            except (ConfigError, CheckpointError) as e:
+                raise SystemExit(f"glm-ray: error: {e}") from None
+    except ClientError as e:
+        raise SystemExit(f"glm-ray: error: --url {args.url}: {e}") from None
+    print("glm-ray chat: type a message; /reset clears the conversation, /exit (or Ctrl-D) leaves.")
+    return run_chat(session, system=args.system)
+
+
+def cmd_status(args) -> int:
+    from glm_ray.client import ClientError, ServerClient, status_report
+
+    try:
+        print(status_report(ServerClient(args.url)))
+    except ClientError as e:
+        raise SystemExit(f"glm-ray: error: --url {args.url}: {e}") from None
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="glm-ray", description="Serve GLM-4.5 / GLM-4.6 MoE models on Ray.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -105,6 +159,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grpc-port", type=int, default=None)
     p.add_argument("--config", default=None, help="a ServeConfig YAML file; flags override it")
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("chat", help="chat interactively, in-process or with a running server (--url)")
+    p.add_argument("--url", default=None, metavar="http://HOST:PORT", help="a running glm-ray (or OpenAI) server")
+    p.add_argument("--model", default=None, help="in-process: checkpoint directory (default: the built-in tiny model)")
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto", help="in-process compute dtype")
+    p.add_argument("--system", default=None, help="a system message for the conversation")
+    p.add_argument("--max-tokens", type=_positive_int, default=None, help="most tokens per reply")
+    p.add_argument("--temperature", type=number_in(0, 2), default=None, help="0 is greedy (default: the model's 1)")
+    p.add_argument("--top-p", type=number_in(0, 1, low_open=True), default=None)
+    p.add_argument("--no-thinking", action="store_true", help="ask GLM to answer without a thinking block")
+    p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("status", help="deployments, expert groups and their load, from a running server")
+    p.add_argument("--url", default="http://127.0.0.1:8000", help="the server (default http://127.0.0.1:8000)")
+    p.set_defaults(func=cmd_status)
 
     from glm_ray.bench.cli import add_bench_parser
 

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from glm_ray.bench import stats
-from glm_ray.cli import _positive_int
+from glm_ray.cli import _positive_int, number_in
 from glm_ray.bench.isolate import run_in_child
 from glm_ray.bench.report import compare, format_table, load_average, new_report
 from glm_ray.bench.workloads import SPECS, make_workload
@@ -19,26 +19,21 @@ from glm_ray.bench.workloads import SPECS, make_workload
 DEFAULT_PRESET = "small"
 
 
-def _scale(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"{value} must be in (0, 1]")
-    return value
-
-
 def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
-        "bench", help="benchmark the engine against transformers' generate",
+        "bench", help="benchmark the engine against transformers' generate, or a running server",
         description="Offline throughput and latency of the in-process engine against transformers' generate "
-                    "on the same checkpoint, plus the machine's matmul peak and a decode step's achieved FLOP/s.")
+                    "on the same checkpoint, plus the machine's matmul peak and a decode step's achieved FLOP/s; "
+                    "with --url, the same workloads sent to a running server's OpenAI API instead.")
     p.add_argument("--model", default=None,
                    help=f"checkpoint directory (default: the built-in {DEFAULT_PRESET} preset, built once and cached)")
     p.add_argument("--workload", choices=[*SPECS, "all"], default="all",
                    help="A: 64 x (32 prompt, 128 output); B: 256 mixed requests (prompts 16..512, outputs 16..256)")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="compute dtype of both systems")
+    p.add_argument("--url", default=None, metavar="http://HOST:PORT",
+                   help="load a running glm-ray server (its /v1/completions, streamed) instead of in-process systems")
+    p.add_argument("--concurrency", type=_positive_int, default=None,
+                   help="with --url: requests in flight at once (default: the workload's 64)")
     p.add_argument("--no-baseline", action="store_true", help="skip transformers")
     p.add_argument("--distributed", action="store_true",
                    help="also run the disaggregated app (expert groups over gRPC) on a local Ray cluster")
@@ -47,7 +42,7 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--output", default=None, metavar="FILE.json", help="write the full JSON report here")
     p.add_argument("--num-requests", type=_positive_int, default=None,
                    help="use only the first N requests of each workload (a quick smoke run)")
-    p.add_argument("--scale", type=_scale, default=1.0,
+    p.add_argument("--scale", type=number_in(0, 1, low_open=True), default=1.0,
                    help="shrink each workload's request count and lengths by this factor in (0, 1]")
     p.add_argument("--seed", type=int, default=0, help="seed of the request sets")
     p.add_argument("--repeat", type=_positive_int, default=1,
@@ -134,9 +129,44 @@ def bench_workload(name: str, model_dir: Path, vocab_size: int, args) -> dict:
     return entry
 
 
+def run_url_bench(args) -> int:
+    """Each chosen workload against a running server; its peak RSS and threads are not ours to see."""
+    from glm_ray.bench.online import ServerError, run_online, served_model
+
+    try:
+        info = served_model(args.url)
+    except ServerError as e:
+        raise SystemExit(f"glm-ray: error: --url {args.url}: {e}") from None
+    report = new_report(sys.argv, f"{args.url} ({info['id']})", args.dtype, args.seed)
+    report["arguments"] = {k: v for k, v in vars(args).items() if k != "func"}
+    for name in (list(SPECS) if args.workload == "all" else [args.workload]):
+        workload = make_workload(name, info["vocab_size"], args.seed, args.num_requests, args.scale)
+        _log(f"workload {name}: {workload.num_requests} requests, {workload.num_output_tokens} output tokens "
+             f"to {args.url}, at most {args.concurrency or workload.max_num_seqs} at once")
+        try:
+            run = run_online(args.url, workload, progress=sys.stderr.isatty(), concurrency=args.concurrency)
+        except ServerError as e:
+            raise SystemExit(f"glm-ray: error: {e}") from None
+        report["workloads"][name] = {"workload": workload.summary(), "server": stats.summarize_run(run)}
+    report["machine"]["load_average_at_end"] = load_average()
+    print(format_table(report))
+    _write(report, args.output)
+    return 0
+
+
+def _write(report: dict, output: str | None) -> None:
+    if output:
+        Path(output).parent.mkdir(parents=True, exist_ok=True)
+        Path(output).write_text(json.dumps(report, indent=2) + "\n")
+        _log(f"wrote {output}")
+
+
 def run_bench(args) -> int:
     from glm_ray.bench.flops import run_flops
     from glm_ray.config import load_model_config
+
+    if args.url:
+        return run_url_bench(args)
 
     model_dir = resolve_model_dir(args.model)
     vocab_size = load_model_config(model_dir).vocab_size
@@ -163,10 +193,7 @@ def run_bench(args) -> int:
                 e = entry["engine"]["breakdown"]
                 print(f"workload {name} in-process per step {e['step_ms']:.1f} ms: attention and rest "
                       f"{e['attention_compute_ms']:.1f}, expert compute {e['expert_compute_ms']:.1f}")
-    if args.output:
-        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.output).write_text(json.dumps(report, indent=2) + "\n")
-        _log(f"wrote {args.output}")
+    _write(report, args.output)
     return 0
 
 

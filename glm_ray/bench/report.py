@@ -141,7 +141,7 @@ def _workload_lines(name: str, w: dict) -> list[str]:
     spec = w["workload"]
     lines = ["", f"workload {name}: {spec['num_requests']} requests, {spec['num_prompt_tokens']} prompt + "
                  f"{spec['num_output_tokens']} output tokens ({spec['description']})", HEADER]
-    for system in ("engine", "hf"):
+    for system in ("engine", "hf", "server"):
         if w.get(system) is not None:
             lines += _system_lines(system, w[system])
     c = w.get("speedup")

@@ -1,5 +1,6 @@
-"""The HTTP ingress deployment: the OpenAI-compatible app (glm_ray/serving/openai) over Serve
-handles, plus `POST /v1/generate`, a token-level route for tools and tests."""
+"""The ingress deployment: the OpenAI-compatible HTTP app (glm_ray/serving/openai) over Serve
+handles, plus `POST /v1/generate`, a token-level route for tools and tests; and the gRPC
+`Generation` service (`Generate`, `Chat`), which Serve's gRPC proxy calls by method name."""
 
 import json
 import uuid
@@ -9,8 +10,11 @@ from fastapi.responses import StreamingResponse
 from ray import serve
 
 from glm_ray.engine.sampling_params import SamplingParams
+from glm_ray.serving.grpc_service import GenerationService, GrpcError
 from glm_ray.serving.openai.app import create_app
 from glm_ray.serving.openai.errors import error_response, from_exception
+from glm_ray.serving.openai.metrics import Metrics
+from glm_ray.serving.openai.middleware import Admission
 from glm_ray.serving.serve_backend import ServeBackend
 
 _SAMPLING_FIELDS = set(SamplingParams.__dataclass_fields__)
@@ -89,13 +93,37 @@ async def _collect(stream):
 @serve.deployment(name="Ingress", max_ongoing_requests=1000)
 @serve.ingress()
 class Ingress:
-    """Each replica builds its own app around its own backend (Serve's late-bound ingress)."""
+    """Each replica builds its own app around its own backend (Serve's late-bound ingress); HTTP
+    and gRPC share the backend, the metrics and the requests-in-flight limit."""
 
     def __init__(self, attention, router, expert_groups: list, model_dir: str, model_name: str,
                  engine_options: dict, max_body_bytes: int = 32 << 20, max_pending_requests: int = 256):
         self.expert_groups = expert_groups  # part of the app graph, so Serve deploys them
         self.backend = ServeBackend(attention, router, model_dir, model_name, engine_options)
-        self.limits = dict(max_body_bytes=max_body_bytes, max_pending_requests=max_pending_requests)
+        self.metrics, self.admission = Metrics(), Admission(max_pending_requests)
+        self.max_body_bytes = max_body_bytes
+        self.grpc = GenerationService(self.backend, self.metrics, self.admission)
 
     def __serve_build_asgi_app__(self):
-        return build_ingress_app(self.backend, **self.limits)
+        return build_ingress_app(self.backend, max_body_bytes=self.max_body_bytes, metrics=self.metrics,
+                                 admission=self.admission)
+
+    async def Generate(self, request, grpc_context=None):  # noqa: N802 - the rpc's name
+        async for message in _with_status(self.grpc.generate(request), grpc_context):
+            yield message
+
+    async def Chat(self, request, grpc_context=None):  # noqa: N802 - the rpc's name
+        async for message in _with_status(self.grpc.chat(request), grpc_context):
+            yield message
+
+
+async def _with_status(messages, grpc_context):
+    """Hand a GrpcError's code and details to Serve's proxy (set on the context, then raise)."""
+    try:
+        async for message in messages:
+            yield message
+    except GrpcError as e:
+        if grpc_context is not None:
+            grpc_context.set_code(e.code)
+            grpc_context.set_details(e.details)
+        raise

@@ -8,6 +8,7 @@ import sys
 import time
 
 APP_NAME = "glm-ray"
+GRPC_SERVICERS = ["glm_ray.v1.generate_pb2_grpc.add_GenerationServicer_to_server"]
 
 
 def start(cfg, *, ready_timeout_s: float = 300.0):
@@ -26,7 +27,8 @@ def start(cfg, *, ready_timeout_s: float = 300.0):
         else:
             ray.init(include_dashboard=False, num_cpus=max(os.cpu_count() or 1, 4))
             started_ray = True
-    serve.start(http_options={"host": cfg.host, "port": cfg.http_port})
+    serve.start(http_options={"host": cfg.host, "port": cfg.http_port},
+                grpc_options={"port": cfg.grpc_port, "grpc_servicer_functions": GRPC_SERVICERS})
     serve.run(build_app(cfg), name=APP_NAME, route_prefix="/", blocking=False)
     router = serve.get_deployment_handle("ExpertRouter", app_name=APP_NAME)
     deadline = time.monotonic() + ready_timeout_s
@@ -63,15 +65,15 @@ def serve_forever(cfg) -> int:
           f"{cfg.attention_replicas} attention replica(s)")
     base = f"http://{cfg.host}:{cfg.http_port}"
     print(f"  OpenAI API  {base}/v1  (model: {cfg.served_model_name or model_name(cfg)})")
+    print(f"  gRPC        {cfg.host}:{cfg.grpc_port}  (glm_ray.v1.Generation: Generate, Chat)")
     print(f"  health      {base}/health   metrics: {base}/metrics   experts: {base}/v1/experts")
     print("Ctrl-C to stop.", flush=True)
     stopping = []
-    signal.signal(signal.SIGTERM, lambda *_: stopping.append(1))
-    try:
-        while not stopping:
-            time.sleep(0.5)
-    except KeyboardInterrupt:
-        pass
+    # both handled explicitly: a shell starting us in the background leaves SIGINT ignored
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stopping.append(1))
+    while not stopping:
+        time.sleep(0.5)
     print("shutting down...", file=sys.stderr, flush=True)
     stop(started_ray)
     return 0

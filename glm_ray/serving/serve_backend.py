@@ -3,6 +3,7 @@ the router answers health, placement and routing statistics."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 
 from glm_ray.config import load_model_config
@@ -37,7 +38,8 @@ class ServeBackend:
         return ok, detail
 
     async def experts(self) -> dict:
-        return await self.router.status.remote()
+        status = await self.router.status.remote()
+        return {**status, "deployments": await asyncio.to_thread(deployment_states)}
 
     async def stats(self) -> dict:
         status = await self.router.status.remote()
@@ -51,3 +53,21 @@ class ServeBackend:
         return {"running": engine["running"], "waiting": engine["waiting"],
                 "kv_cache_usage": used / max(1, used + free),
                 "replicas": {g: len(a) for g, a in status["replicas"].items()}, "routed_tokens": routed}
+
+
+def deployment_states() -> dict:
+    """{deployment: {"status", "running", "replicas"}} of this replica's application, from Serve's
+    controller; {} when it cannot be asked (status is informative, never worth failing a request)."""
+    from ray import serve
+
+    try:
+        app_name = serve.get_replica_context().app_name
+        app = serve.status().applications[app_name]
+    except Exception:  # noqa: BLE001 - outside a replica, or the controller is busy
+        return {}
+    out = {}
+    for name, d in app.deployments.items():
+        states = {str(getattr(state, "value", state)): n for state, n in d.replica_states.items()}
+        out[name] = {"status": str(getattr(d.status, "value", d.status)), "running": states.get("RUNNING", 0),
+                     "replicas": sum(states.values())}
+    return out

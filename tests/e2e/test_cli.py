@@ -4,14 +4,15 @@ import os
 import subprocess
 import sys
 
+from glm_ray import LLM, SamplingParams
 from glm_ray.model.loader import load_model
 from glm_ray.model.reference import greedy_generate
 from glm_ray.tokenizer import Tokenizer
 
 
-def glm_ray(*args, env=None):
+def glm_ray(*args, env=None, stdin=None):
     return subprocess.run([sys.executable, "-m", "glm_ray.cli", *args], capture_output=True, text=True,
-                          env={**os.environ, **(env or {})}, timeout=300)
+                          env={**os.environ, **(env or {})}, timeout=300, input=stdin)
 
 
 def test_make_model_then_generate(tmp_path):
@@ -41,3 +42,26 @@ def test_bad_arguments_name_the_value(tmp_path):
     assert r.returncode != 0 and "nope" in r.stderr and "no config.json" in r.stderr
     r = glm_ray("make-model", "--preset", "huge", "--out", str(tmp_path / "x"))
     assert r.returncode == 2 and "huge" in r.stderr
+    r = glm_ray("chat", "--url", "http://127.0.0.1:9", "--model", str(tmp_path))
+    assert r.returncode != 0 and "not both" in r.stderr
+    r = glm_ray("status", "--url", "http://127.0.0.1:9")
+    assert r.returncode != 0 and "cannot reach http://127.0.0.1:9" in r.stderr
+    r = glm_ray("chat", "--temperature", "3")
+    assert r.returncode == 2 and "3.0 must be in [0, 2]" in r.stderr
+
+
+def test_chat_in_process_keeps_the_conversation(tiny_model_dir):
+    """Two turns, greedy: each reply is what LLM.chat answers to the conversation so far."""
+    script = "Hello there\n/bogus\nAnd then?\n/reset\n/exit\n"
+    r = glm_ray("chat", "--model", str(tiny_model_dir), "--temperature", "0", "--max-tokens", "6",
+                "--no-thinking", "--system", "Be brief.", stdin=script)
+    assert r.returncode == 0, r.stderr
+    llm = LLM(tiny_model_dir, dtype="float32")
+    greedy = SamplingParams(temperature=0, max_tokens=6)
+    conversation = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello there"}]
+    first = llm.chat(conversation, greedy, chat_template_kwargs={"enable_thinking": False})[0].outputs[0].text
+    conversation += [{"role": "assistant", "content": first}, {"role": "user", "content": "And then?"}]
+    second = llm.chat(conversation, greedy, chat_template_kwargs={"enable_thinking": False})[0].outputs[0].text
+    assert r.stdout.count("glm> ") == 2
+    assert f"glm> {first}" in r.stdout and f"glm> {second}" in r.stdout
+    assert "unknown command /bogus" in r.stdout and "conversation cleared" in r.stdout

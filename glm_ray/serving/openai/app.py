@@ -21,7 +21,7 @@ from glm_ray.serving.openai.chat import create_chat_completion
 from glm_ray.serving.openai.completions import create_completion
 from glm_ray.serving.openai.errors import OpenAIError, error_response, from_exception, from_validation_error
 from glm_ray.serving.openai.metrics import Metrics
-from glm_ray.serving.openai.middleware import RequestGuard
+from glm_ray.serving.openai.middleware import Admission, RequestGuard
 from glm_ray.serving.openai.schemas import ChatCompletionRequest, CompletionRequest
 
 DEFAULT_MAX_BODY_BYTES = 32 << 20
@@ -42,13 +42,15 @@ async def parse_body(request: Request, model: type[BaseModel]) -> BaseModel:
 
 
 def create_app(backend: Backend, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
-               max_pending_requests: int = 256) -> FastAPI:
+               max_pending_requests: int = 256, metrics: Metrics | None = None,
+               admission: Admission | None = None) -> FastAPI:
+    """`metrics` and `admission` may be shared with a gRPC front end in the same process."""
     app = FastAPI(title="glm-ray OpenAI-compatible API", version="1")
     app.state.backend = backend
-    app.state.metrics = metrics = Metrics()
+    app.state.metrics = metrics = metrics or Metrics()
+    app.state.admission = admission = admission or Admission(max_pending_requests)
     app.state.created = int(time.time())
-    app.add_middleware(RequestGuard, max_body_bytes=max_body_bytes, max_pending_requests=max_pending_requests,
-                       metrics=metrics)
+    app.add_middleware(RequestGuard, max_body_bytes=max_body_bytes, admission=admission, metrics=metrics)
 
     @app.exception_handler(OpenAIError)
     async def openai_error(request: Request, e: OpenAIError):
@@ -71,7 +73,8 @@ def create_app(backend: Backend, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     async def list_models(request: Request):
         b = request.app.state.backend
         return {"object": "list", "data": [{"id": b.model_name, "object": "model", "created": app.state.created,
-                                            "owned_by": "glm-ray", "max_model_len": b.max_model_len}]}
+                                            "owned_by": "glm-ray", "max_model_len": b.max_model_len,
+                                            "vocab_size": b.tokenizer.vocab_size}]}
 
     @app.post("/v1/completions", openapi_extra=_body_schema(CompletionRequest))
     async def completions(request: Request):

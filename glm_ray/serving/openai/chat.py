@@ -77,7 +77,7 @@ def _logprobs(tokenizer, token_ids: list[int], entries: list[dict] | None, num_t
     return out
 
 
-class _Setup:
+class ChatSetup:
     """What a chat request resolves to before generation."""
 
     def __init__(self, body: ChatCompletionRequest, backend):
@@ -101,12 +101,18 @@ class _Setup:
         self.params = sampling_dict(body, max_tokens, logprobs=self.num_top if body.logprobs else None)
 
 
-async def create_chat_completion(body: ChatCompletionRequest, backend, metrics) -> JSONResponse | StreamingResponse:
+async def start_chat(body: ChatCompletionRequest, backend, metrics) -> tuple[ChatSetup, str, list]:
+    """Validate, render and start one chat request: (setup, id, streams). Raises OpenAIError
+    before anything is sent when the request is bad or cannot be served."""
     arrival = time.monotonic()
-    setup = _Setup(body, backend)
+    setup = ChatSetup(body, backend)
     chat_id = new_id("chatcmpl")
     request = make_request(chat_id, setup.prompt_ids, setup.params, setup.prompt)
-    streams = await open_streams(backend, [request], metrics, arrival)
+    return setup, chat_id, await open_streams(backend, [request], metrics, arrival)
+
+
+async def create_chat_completion(body: ChatCompletionRequest, backend, metrics) -> JSONResponse | StreamingResponse:
+    setup, chat_id, streams = await start_chat(body, backend, metrics)
     head = {"id": chat_id, "object": "chat.completion", "created": int(time.time()), "model": body.model}
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -116,7 +122,7 @@ async def create_chat_completion(body: ChatCompletionRequest, backend, metrics) 
     return JSONResponse(await _collect(head, streams, setup, body, backend.tokenizer))
 
 
-async def _collect(head, streams, setup: _Setup, body, tokenizer) -> dict:
+async def _collect(head, streams, setup: ChatSetup, body, tokenizer) -> dict:
     text, token_ids, entries, last = "", [], [], None
     async for _, delta in merge(streams):
         text += delta["text"]
@@ -141,7 +147,7 @@ async def _collect(head, streams, setup: _Setup, body, tokenizer) -> dict:
 class _StreamParser:
     """Text deltas -> OpenAI chat `delta` objects (reasoning_content, content, tool_calls)."""
 
-    def __init__(self, setup: _Setup):
+    def __init__(self, setup: ChatSetup):
         self.reasoning = ReasoningStream(setup.thinking)
         self.calls = ToolCallStream(setup.tools) if setup.tools is not None else None
         self.parallel = setup.parallel
@@ -179,9 +185,35 @@ class _StreamParser:
         return delta
 
 
-async def _stream(head, streams, setup: _Setup, body, tokenizer, include_usage: bool):
+async def chat_events(streams, setup: ChatSetup):
+    """The transport-neutral chat stream: per backend delta, {"delta": OpenAI chat delta (maybe
+    empty), "token_ids", "entries" (raw logprob entries or None), "finish_reason", "stop_reason",
+    "num_output_tokens"}; the finishing delta's "delta" also flushes what the parsers held back."""
     parser = _StreamParser(setup)
+    async for _, d in merge(streams):
+        delta = parser.feed(d["text"])
+        finish_reason = d["finish_reason"]
+        if finish_reason is not None:
+            delta = _joined(delta, parser.finish())
+            if parser.num_calls and finish_reason == "stop":
+                finish_reason = "tool_calls"
+        yield {"delta": delta, "token_ids": d["token_ids"], "entries": d["logprobs"],
+               "finish_reason": finish_reason, "stop_reason": d["stop_reason"],
+               "num_output_tokens": d["num_output_tokens"]}
 
+
+def _joined(a: dict, b: dict) -> dict:
+    """Two consecutive chat deltas as one."""
+    out = dict(a)
+    for key in ("reasoning_content", "content"):
+        if key in b:
+            out[key] = out.get(key, "") + b[key]
+    if "tool_calls" in b:
+        out["tool_calls"] = out.get("tool_calls", []) + b["tool_calls"]
+    return out
+
+
+async def _stream(head, streams, setup: ChatSetup, body, tokenizer, include_usage: bool):
     def chunk(delta: dict, logprobs=None, finish_reason=None, stop_reason=None) -> str:
         choice = {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
         if finish_reason is not None:
@@ -191,16 +223,14 @@ async def _stream(head, streams, setup: _Setup, body, tokenizer, include_usage: 
     num_output_tokens = 0
     try:
         yield chunk({"role": "assistant", "content": ""})
-        async for _, d in merge(streams):
-            num_output_tokens = d["num_output_tokens"]
-            delta = parser.feed(d["text"])
-            logprobs = {"content": _logprobs(tokenizer, d["token_ids"], d["logprobs"], setup.num_top)} \
-                if body.logprobs and d["token_ids"] else None
-            if delta or logprobs:
-                yield chunk(delta, logprobs)
-            if d["finish_reason"] is not None:
-                reason = "tool_calls" if parser.num_calls and d["finish_reason"] == "stop" else d["finish_reason"]
-                yield chunk(parser.finish(), finish_reason=reason, stop_reason=d["stop_reason"])
+        async for e in chat_events(streams, setup):
+            num_output_tokens = e["num_output_tokens"]
+            logprobs = {"content": _logprobs(tokenizer, e["token_ids"], e["entries"], setup.num_top)} \
+                if body.logprobs and e["token_ids"] else None
+            if e["finish_reason"] is not None:
+                yield chunk(e["delta"], logprobs, e["finish_reason"], e["stop_reason"])
+            elif e["delta"] or logprobs:
+                yield chunk(e["delta"], logprobs)
         if include_usage:
             yield sse({**head, "choices": [], "usage": usage(len(setup.prompt_ids), num_output_tokens)})
     except Exception as e:  # the status line is sent: report in the stream, then end it

@@ -50,7 +50,7 @@ class CompletionLogprobs:
                 "text_offset": self.text_offset}
 
 
-def _prompts(body: CompletionRequest, tokenizer) -> list[tuple[list[int], str]]:
+def prompts_of(body: CompletionRequest, tokenizer) -> list[tuple[list[int], str]]:
     prompt = body.prompt
     if isinstance(prompt, str):
         prompt = [prompt]
@@ -75,7 +75,7 @@ async def create_completion(body: CompletionRequest, backend, metrics) -> JSONRe
         raise OpenAIError(400, f"best_of must be 1, got {body.best_of}", param="best_of")
     if body.suffix:
         raise OpenAIError(400, "suffix is not supported", param="suffix")
-    prompts = _prompts(body, backend.tokenizer)
+    prompts = prompts_of(body, backend.tokenizer)
     max_tokens = DEFAULT_MAX_TOKENS if body.max_tokens is None else body.max_tokens
     for ids, _ in prompts:
         check_length(backend, len(ids), max_tokens)
@@ -100,6 +100,8 @@ class _Choice:
         self.echo = prompt_text if body.echo else ""
         self.logprobs = CompletionLogprobs(tokenizer, len(self.echo)) if body.logprobs is not None else None
         self.text = ""
+        self.token_ids: list[int] | None = [] if body.return_token_ids else None
+        self.new_token_ids: list[int] = []  # since the last streamed chunk
         self.finish_reason = self.stop_reason = None
         self.num_output_tokens = 0
 
@@ -112,13 +114,26 @@ class _Choice:
             if delta["logprobs"] is not None:
                 self.logprobs.add(delta["token_ids"], delta["logprobs"])
         self.text += text
+        if self.token_ids is not None:
+            self.token_ids += delta["token_ids"]
+            self.new_token_ids += delta["token_ids"]
         self.finish_reason, self.stop_reason = delta["finish_reason"], delta["stop_reason"]
         self.num_output_tokens = delta["num_output_tokens"]
         return text
 
-    def to_dict(self, text: str, logprobs: dict | None) -> dict:
-        return {"index": self.index, "text": text, "logprobs": logprobs, "finish_reason": self.finish_reason,
-                "stop_reason": self.stop_reason}
+    def to_dict(self, text: str, logprobs: dict | None, token_ids: list[int] | None = None) -> dict:
+        out = {"index": self.index, "text": text, "logprobs": logprobs, "finish_reason": self.finish_reason,
+               "stop_reason": self.stop_reason}
+        if token_ids is not None:
+            out.update(token_ids=token_ids, prompt_token_ids=self.prompt_ids)
+        return out
+
+    def take_token_ids(self) -> list[int] | None:
+        """The token ids since the last streamed chunk (None unless asked for)."""
+        if self.token_ids is None:
+            return None
+        out, self.new_token_ids = self.new_token_ids, []
+        return out
 
 
 def _choices(prompts, body, tokenizer) -> list[_Choice]:
@@ -129,7 +144,7 @@ async def _collect(head, streams, prompts, body, tokenizer, num_prompt_tokens) -
     choices = _choices(prompts, body, tokenizer)
     async for index, delta in merge(streams):
         choices[index].add(delta)
-    out = [c.to_dict(c.text, c.logprobs.to_dict() if c.logprobs else None) for c in choices]
+    out = [c.to_dict(c.text, c.logprobs.to_dict() if c.logprobs else None, c.token_ids) for c in choices]
     return {**head, "choices": out, "usage": usage(num_prompt_tokens, sum(c.num_output_tokens for c in choices))}
 
 
@@ -140,8 +155,9 @@ async def _stream(head, streams, prompts, body, tokenizer, num_prompt_tokens, in
             choice = choices[index]
             text = choice.add(delta)
             logprobs = choice.logprobs.take() if choice.logprobs else None
-            if text or logprobs and logprobs["tokens"] or choice.finish_reason:
-                yield sse({**head, "choices": [choice.to_dict(text, logprobs)]})
+            token_ids = choice.take_token_ids()
+            if text or logprobs and logprobs["tokens"] or token_ids or choice.finish_reason:
+                yield sse({**head, "choices": [choice.to_dict(text, logprobs, token_ids)]})
         if include_usage:
             yield sse({**head, "choices": [],
                        "usage": usage(num_prompt_tokens, sum(c.num_output_tokens for c in choices))})

@@ -12,7 +12,7 @@ class Metrics:
 
     def __init__(self):
         self.registry = r = CollectorRegistry()
-        self.requests = Counter("glm_ray_requests", "HTTP requests by endpoint and status code",
+        self.requests = Counter("glm_ray_requests", "Requests by endpoint (HTTP path or gRPC method) and status",
                                 ["endpoint", "status"], registry=r)
         self.ttft = Histogram("glm_ray_time_to_first_token_seconds", "From request arrival to the first token",
                               buckets=_LATENCY_BUCKETS, registry=r)

@@ -1,5 +1,6 @@
 """An ASGI middleware that guards the app before any route runs: body size (413), requests in
-flight (429), and the per-endpoint request counter of /metrics (it sees every final status)."""
+flight (429, counted with `Admission` together with gRPC streams), and the per-endpoint request
+counter of /metrics (it sees every final status)."""
 
 from __future__ import annotations
 
@@ -17,13 +18,27 @@ class BodyTooLarge(Exception):
     pass
 
 
+class Admission:
+    """Generation requests in flight at one ingress replica, HTTP and gRPC together; beyond the
+    limit new ones are turned away (429 / RESOURCE_EXHAUSTED) instead of queueing without bound."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.in_flight = 0
+
+    def busy_error(self) -> OpenAIError | None:
+        if self.in_flight < self.limit:
+            return None
+        return OpenAIError(429, f"the server has {self.in_flight} requests in flight (limit {self.limit}); "
+                                "retry shortly", headers={"Retry-After": "1"})
+
+
 class RequestGuard:
-    def __init__(self, app, *, max_body_bytes: int, max_pending_requests: int, metrics: Metrics):
+    def __init__(self, app, *, max_body_bytes: int, admission: Admission, metrics: Metrics):
         self.app = app
         self.max_body_bytes = max_body_bytes
-        self.max_pending_requests = max_pending_requests
+        self.admission = admission
         self.metrics = metrics
-        self.num_pending = 0
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -49,9 +64,8 @@ class RequestGuard:
         if length is not None and length.isdigit() and int(length) > self.max_body_bytes:
             return await _send_error(send, too_large)  # before reading a byte of the body
         if path in GENERATE_ENDPOINTS:
-            if self.num_pending >= self.max_pending_requests:
-                busy = OpenAIError(429, f"the server has {self.num_pending} requests in flight (limit "
-                                        f"{self.max_pending_requests}); retry shortly", headers={"Retry-After": "1"})
+            busy = self.admission.busy_error()
+            if busy is not None:
                 return await _send_error(send, busy)
         received = 0
 
@@ -72,14 +86,14 @@ class RequestGuard:
             await send(message)
 
         counted = path in GENERATE_ENDPOINTS
-        self.num_pending += counted
+        self.admission.in_flight += counted
         try:
             await self.app(scope, receive_counted, send_tracked)
         except BodyTooLarge:
             if not started:
                 await _send_error(send, too_large)
         finally:
-            self.num_pending -= counted
+            self.admission.in_flight -= counted
 
 
 async def _send_error(send, error: OpenAIError) -> None:

@@ -54,6 +54,8 @@ class CompletionRequest(SamplingFields):
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS, description="Top logprobs per token (plus the "
                                  "sampled one).")
     echo: bool = Field(False, description="Prepend the prompt to the completion.")
+    return_token_ids: bool = Field(False, description="vLLM extension: each choice (or streamed chunk) also "
+                                   "carries its new `token_ids`, and `prompt_token_ids`.")
     best_of: int | None = Field(None, description="Only 1 is supported.")
     suffix: str | None = Field(None, description="Not supported.")
 

@@ -1,0 +1,143 @@
+"""A small HTTP client for a running glm-ray server, for the command line (`glm-ray chat --url`,
+`glm-ray status`): the OpenAI chat endpoint streamed, and the operational endpoints."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+
+import requests
+
+
+class ClientError(RuntimeError):
+    """The server could not be reached, or answered with an error (its message included)."""
+
+
+class ServerClient:
+    def __init__(self, url: str, timeout_s: float = 30.0):
+        self.url = url.rstrip("/")
+        self.timeout_s = timeout_s
+
+    def _get(self, path: str) -> requests.Response:
+        try:
+            return requests.get(f"{self.url}{path}", timeout=self.timeout_s)
+        except requests.RequestException as e:
+            raise ClientError(f"cannot reach {self.url}: {e}") from None
+
+    def _json(self, path: str) -> dict:
+        r = self._get(path)
+        if r.status_code != 200:
+            raise ClientError(f"{path}: {_error_message(r)}")
+        return r.json()
+
+    def model(self) -> dict:
+        return self._json("/v1/models")["data"][0]
+
+    def health(self) -> tuple[bool, dict | str]:
+        r = self._get("/health")
+        return (True, r.json()) if r.status_code == 200 else (False, _error_message(r))
+
+    def experts(self) -> dict:
+        return self._json("/v1/experts")
+
+    def metrics(self) -> dict[str, float]:
+        """Prometheus samples without labels or with one label, as {"name{label}": value}."""
+        r = self._get("/metrics")
+        out = {}
+        for line in r.text.splitlines():
+            if line and not line.startswith("#"):
+                name, _, value = line.rpartition(" ")
+                try:
+                    out[name] = float(value)
+                except ValueError:
+                    continue
+        return out
+
+    def chat(self, model: str, messages: list[dict], **options) -> Iterator[tuple[str, str]]:
+        """Stream one assistant turn: ("reasoning" | "content", text) pieces, then ("finish", reason)."""
+        body = {"model": model, "messages": messages, "stream": True, **options}
+        try:
+            r = requests.post(f"{self.url}/v1/chat/completions", json=body, stream=True, timeout=3600)
+        except requests.RequestException as e:
+            raise ClientError(f"cannot reach {self.url}: {e}") from None
+        with r:
+            if r.status_code != 200:
+                raise ClientError(_error_message(r))
+            for line in r.iter_lines():
+                if not line.startswith(b"data: ") or line == b"data: [DONE]":
+                    continue
+                chunk = json.loads(line[6:])
+                if "error" in chunk:
+                    raise ClientError(chunk["error"]["message"])
+                for choice in chunk.get("choices", []):
+                    delta = choice.get("delta") or {}
+                    if delta.get("reasoning_content"):
+                        yield "reasoning", delta["reasoning_content"]
+                    if delta.get("content"):
+                        yield "content", delta["content"]
+                    for call in delta.get("tool_calls") or []:
+                        function = call.get("function") or {}
+                        yield "content", (f"[tool call {function['name']}] " if function.get("name") else "") + \
+                            (function.get("arguments") or "")
+                    if choice.get("finish_reason"):
+                        yield "finish", choice["finish_reason"]
+
+
+def _error_message(r: requests.Response) -> str:
+    try:
+        return f"{r.status_code} {r.json()['error']['message']}"
+    except (ValueError, KeyError, TypeError):
+        return f"{r.status_code} {r.text[:300]}"
+
+
+def status_report(client: ServerClient) -> str:
+    """What `glm-ray status` prints: health, model, deployments, expert groups and their load."""
+    ok, health = client.health()
+    model = client.model()
+    lines = [f"glm-ray at {client.url}: {'healthy' if ok else 'NOT healthy: ' + str(health)}",
+             f"model {model['id']}: max_model_len {model.get('max_model_len')}"]
+    experts = client.experts()
+    deployments = experts.get("deployments") or {}
+    if deployments:
+        lines.append("deployments: " + ", ".join(f"{name} {d['running']}/{d['replicas']} running ({d['status']})"
+                                                 for name, d in sorted(deployments.items())))
+    groups = (experts.get("placement") or {}).get("groups", [])
+    replicas, load = experts.get("replicas", {}), experts.get("load", {})
+    if groups:
+        lines.append(f"expert groups: {len(groups)} (routing table version {experts.get('version')})")
+    for g, members in enumerate(groups):
+        addresses = replicas.get(str(g), [])
+        busy = ", ".join(f"{a} ({load.get(a, 0)} in flight)" for a in addresses) or "NO LIVE REPLICA"
+        lines.append(f"  group {g}: {len(members)} experts ({_ranges(members)}), {len(addresses)} replica(s): {busy}")
+    tokens = experts.get("tokens_per_expert") or {}
+    if tokens:
+        lines.append(f"expert load over the last {experts.get('window_s', 0):.0f} s (tokens per expert; "
+                     "imbalance = max / mean):")
+        for layer, counts in sorted(tokens.items(), key=lambda kv: int(kv[0])):
+            total = sum(counts)
+            if not total:
+                continue
+            mean = total / len(counts)
+            hottest = sorted(range(len(counts)), key=lambda e: -counts[e])[:3]
+            per_group = [sum(counts[e] for e in members) for members in groups]
+            lines.append(f"  layer {layer}: {total} tokens, imbalance {max(counts) / mean:.2f}, hottest experts "
+                         + ", ".join(f"{e} ({counts[e]})" for e in hottest)
+                         + (f"; per group {per_group}" if per_group else ""))
+    m = client.metrics()
+    if "glm_ray_num_requests_running" in m:
+        lines.append(f"requests: {m['glm_ray_num_requests_running']:.0f} running, "
+                     f"{m.get('glm_ray_num_requests_waiting', 0):.0f} waiting; KV cache "
+                     f"{100 * m.get('glm_ray_kv_cache_usage_ratio', 0):.1f}% used")
+    return "\n".join(lines)
+
+
+def _ranges(ids: list[int]) -> str:
+    """[0, 1, 2, 5] -> "0-2, 5"."""
+    out, start = [], None
+    for i, e in enumerate(ids):
+        if start is None:
+            start = e
+        if i + 1 == len(ids) or ids[i + 1] != e + 1:
+            out.append(str(start) if start == e else f"{start}-{e}")
+            start = None
+    return ", ".join(out)

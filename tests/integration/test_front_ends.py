@@ -1,0 +1,212 @@
+"""The public APIs of the disaggregated app on a local Ray cluster: OpenAI-compatible HTTP with the
+official `openai` client and raw requests, and gRPC through Serve's proxy with a stub built from
+the project's protos. Every error is followed by a request that still succeeds."""
+
+import json
+import os
+import subprocess
+import sys
+import threading
+
+import grpc
+import pytest
+import requests
+
+from glm_ray import LLM, SamplingParams
+from glm_ray.serving.config import ServeConfig
+from glm_ray.v1 import generate_pb2 as pb
+from glm_ray.v1 import generate_pb2_grpc as pb_grpc
+
+from .test_serving import deploy, undeploy
+
+openai = pytest.importorskip("openai")
+
+MAX_PENDING = 2  # small, so overload is easy to reach: the tests below send one request at a time
+MAX_BODY = 1 << 20
+METADATA = (("application", "glm-ray"),)  # Serve's gRPC proxy routes by application name
+
+
+@pytest.fixture(scope="module")
+def server(ray_serve, tiny_model_dir):
+    deploy(ServeConfig(model=str(tiny_model_dir), served_model_name="glm-tiny", expert_groups=2, dtype="float32",
+                       kv_cache_memory=32 << 20, max_model_len=4096, max_pending_requests=MAX_PENDING,
+                       max_body_bytes=MAX_BODY), ray_serve)
+    yield ray_serve
+    undeploy()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=f"{server}/v1", api_key="unused", max_retries=0)
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_model_dir):
+    return LLM(tiny_model_dir, dtype="float32")
+
+
+def test_models_and_completion_match_the_engine(client, llm):
+    assert [m.id for m in client.models.list().data] == ["glm-tiny"]
+    r = client.completions.create(model="glm-tiny", prompt="Hello world", max_tokens=10, temperature=0,
+                                  extra_body={"ignore_eos": True})
+    want = llm.generate("Hello world", SamplingParams(temperature=0, max_tokens=10, ignore_eos=True))[0]
+    assert r.choices[0].text == want.outputs[0].text
+    assert r.usage.prompt_tokens == len(want.prompt_token_ids) and r.usage.completion_tokens == 10
+
+
+def test_streaming_chat_with_usage(client, llm):
+    messages = [{"role": "user", "content": "What is the weather?"}]
+    stream = client.chat.completions.create(model="glm-tiny", messages=messages, max_completion_tokens=12,
+                                            temperature=0, stream=True, stream_options={"include_usage": True},
+                                            extra_body={"ignore_eos": True,
+                                                        "chat_template_kwargs": {"enable_thinking": False}})
+    content, usage = "", None
+    for chunk in stream:
+        if chunk.choices:
+            content += chunk.choices[0].delta.content or ""
+        if chunk.usage:
+            usage = chunk.usage
+    want = llm.chat(messages, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True),
+                    chat_template_kwargs={"enable_thinking": False})[0]
+    assert content == want.outputs[0].text
+    assert usage.completion_tokens == 12 and usage.prompt_tokens == len(want.prompt_token_ids)
+
+
+@pytest.mark.parametrize("body, status", [
+    ({"model": "glm-tiny", "prompt": "hi", "temperature": -1}, 400),
+    ({"model": "glm-tiny", "prompt": "hi", "max_tokens": 0}, 400),
+    ({"model": "glm-tiny", "prompt": "hi", "max_tokens": 5000}, 400),
+    ({"model": "nope", "prompt": "hi"}, 404),
+])
+def test_errors_then_a_good_request(server, client, body, status):
+    r = requests.post(f"{server}/v1/completions", json=body, timeout=60)
+    assert r.status_code == status
+    err = r.json()["error"]
+    assert err["message"] and err["type"] and err["code"] == status
+    ok = client.completions.create(model="glm-tiny", prompt="hi", max_tokens=2, temperature=0)
+    assert ok.choices[0].finish_reason in ("length", "stop")
+
+
+def test_health_metrics_experts(server):
+    assert requests.get(f"{server}/health", timeout=30).status_code == 200
+    experts = requests.get(f"{server}/v1/experts", timeout=30).json()
+    assert experts["placement"]["groups"] == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    assert all(len(a) == 1 for a in experts["replicas"].values())
+    metrics = requests.get(f"{server}/metrics", timeout=30).text
+    assert "glm_ray" in metrics
+
+
+def test_body_over_the_limit_is_413(server, client):
+    r = requests.post(f"{server}/v1/completions", data=b'{"model": "glm-tiny", "prompt": "' + b"x" * MAX_BODY + b'"}',
+                      headers={"content-type": "application/json"}, timeout=60)
+    assert r.status_code == 413 and r.json()["error"]["code"] == 413
+    assert client.completions.create(model="glm-tiny", prompt="hi", max_tokens=2).choices[0].text is not None
+
+
+def _hold_streams(server, n):
+    """n streaming completions that stay in flight until closed (3000 tokens each)."""
+    body = {"model": "glm-tiny", "prompt": "hold", "max_tokens": 3000, "ignore_eos": True, "stream": True}
+    held = [requests.post(f"{server}/v1/completions", json=body, stream=True, timeout=120) for _ in range(n)]
+    lines = []  # the line iterators stay referenced: dropping one closes its connection
+    for r in held:
+        assert r.status_code == 200
+        lines.append(r.iter_lines())
+        next(lines[-1])  # the first chunk arrived: the request is running
+    return held, lines
+
+
+def test_overload_is_429_over_http_and_resource_exhausted_over_grpc(server, client, grpc_stub):
+    held, _lines = _hold_streams(server, MAX_PENDING)
+    try:
+        r = requests.post(f"{server}/v1/completions", json={"model": "glm-tiny", "prompt": "hi"}, timeout=60)
+        assert r.status_code == 429 and r.headers["retry-after"] == "1"
+        assert r.json()["error"]["type"] == "rate_limit_exceeded"
+        with pytest.raises(grpc.RpcError) as info:
+            list(grpc_stub.Generate(pb.GenerateRequest(prompt="hi"), metadata=METADATA))
+        assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "limit 2" in info.value.details()
+    finally:
+        for h in held:
+            h.close()  # the client leaves: the server aborts both requests and frees their places
+    ok = None
+    for _ in range(50):  # the aborts land within a step or two
+        ok = requests.post(f"{server}/v1/completions", json={"model": "glm-tiny", "prompt": "hi", "max_tokens": 2},
+                           timeout=60)
+        if ok.status_code == 200:
+            break
+        threading.Event().wait(0.2)
+    assert ok.status_code == 200
+
+
+@pytest.fixture(scope="module")
+def grpc_stub(server, grpc_target):
+    channel = grpc.insecure_channel(grpc_target)
+    yield pb_grpc.GenerationStub(channel)
+    channel.close()
+
+
+def test_grpc_generate_and_chat_match_the_engine(grpc_stub, llm):
+    sampling = pb.SamplingOptions(temperature=0, max_tokens=10, ignore_eos=True)
+    replies = list(grpc_stub.Generate(pb.GenerateRequest(model="glm-tiny", prompt="Hello world", sampling=sampling),
+                                      metadata=METADATA))
+    want = llm.generate("Hello world", SamplingParams(temperature=0, max_tokens=10, ignore_eos=True))[0]
+    assert [t for r in replies for t in r.token_ids] == list(want.outputs[0].token_ids)
+    assert "".join(r.text for r in replies) == want.outputs[0].text
+    assert replies[-1].finish_reason == "length"
+    assert (replies[-1].usage.prompt_tokens, replies[-1].usage.completion_tokens) == (len(want.prompt_token_ids), 10)
+
+    messages = [{"role": "user", "content": "What is the weather?"}]
+    chat = list(grpc_stub.Chat(pb.ChatRequest(messages=[pb.ChatMessage(**m) for m in messages], sampling=sampling,
+                                              enable_thinking=False), metadata=METADATA))
+    want = llm.chat(messages, SamplingParams(temperature=0, max_tokens=10, ignore_eos=True),
+                    chat_template_kwargs={"enable_thinking": False})[0]
+    assert "".join(r.content for r in chat) == want.outputs[0].text
+    assert chat[-1].usage.completion_tokens == 10 and chat[-1].usage.prompt_tokens == len(want.prompt_token_ids)
+
+
+@pytest.mark.parametrize("request_, code, named", [
+    (pb.GenerateRequest(prompt="hi", sampling=pb.SamplingOptions(temperature=-1)),
+     grpc.StatusCode.INVALID_ARGUMENT, "temperature"),
+    (pb.GenerateRequest(prompt="hi", sampling=pb.SamplingOptions(max_tokens=5000)),
+     grpc.StatusCode.INVALID_ARGUMENT, "max_tokens"),
+    (pb.GenerateRequest(prompt_token_ids=pb.TokenIds(ids=[10 ** 9])), grpc.StatusCode.INVALID_ARGUMENT, "vocabulary"),
+    (pb.GenerateRequest(model="nope", prompt="hi"), grpc.StatusCode.NOT_FOUND, "nope"),
+    (pb.ChatRequest(messages=[pb.ChatMessage(role="robot", content="x")]), grpc.StatusCode.INVALID_ARGUMENT, "role"),
+])
+def test_grpc_errors_then_a_good_request(grpc_stub, request_, code, named):
+    method = grpc_stub.Generate if isinstance(request_, pb.GenerateRequest) else grpc_stub.Chat
+    with pytest.raises(grpc.RpcError) as info:
+        list(method(request_, metadata=METADATA))
+    assert info.value.code() == code and named in info.value.details()
+    ok = list(grpc_stub.Generate(pb.GenerateRequest(prompt="hi", sampling=pb.SamplingOptions(max_tokens=2)),
+                                 metadata=METADATA))
+    assert ok[-1].finish_reason in ("length", "stop")
+
+
+def cli(*args, stdin=None):
+    return subprocess.run([sys.executable, "-m", "glm_ray.cli", *args], capture_output=True, text=True,
+                          timeout=300, input=stdin, env=os.environ.copy())
+
+
+def test_cli_status_chat_and_bench_against_the_server(server, llm, tmp_path):
+    r = cli("status", "--url", server)
+    assert r.returncode == 0, r.stderr
+    assert f"glm-ray at {server}: healthy" in r.stdout and "model glm-tiny" in r.stdout
+    assert "group 0: 4 experts (0-3), 1 replica(s)" in r.stdout and "group 1: 4 experts (4-7)" in r.stdout
+    assert "AttentionReplica 1/1 running" in r.stdout and "ExpertGroup_1 1/1 running" in r.stdout
+
+    r = cli("chat", "--url", server, "--temperature", "0", "--max-tokens", "6", "--no-thinking",
+            stdin="What is the weather?\n/exit\n")
+    assert r.returncode == 0, r.stderr
+    want = llm.chat([{"role": "user", "content": "What is the weather?"}], SamplingParams(temperature=0, max_tokens=6),
+                    chat_template_kwargs={"enable_thinking": False})[0].outputs[0].text
+    assert f"glm> {want}" in r.stdout
+
+    out = tmp_path / "bench.json"
+    r = cli("bench", "--url", server, "--workload", "B", "--num-requests", "5", "--scale", "0.05",
+            "--concurrency", str(MAX_PENDING), "--output", str(out))
+    assert r.returncode == 0, r.stderr
+    entry = json.loads(out.read_text())["workloads"]["B"]
+    assert entry["server"]["num_requests"] == 5
+    assert entry["server"]["num_output_tokens"] == entry["workload"]["num_output_tokens"]
+    assert entry["server"]["output_tokens_per_s"] > 0 and entry["server"]["ttft_ms"]["count"] == 5
+    assert "server" in r.stdout  # the table row
