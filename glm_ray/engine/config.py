@@ -29,6 +29,7 @@ class EngineOptions:
     enable_prefix_caching: bool = True
     long_prefill_token_threshold: int | None = None  # cap on one prompt's tokens per step
     seed: int = 0  # seeds the generator of unseeded sampling requests
+    retain_freed_memory: bool = True  # keep large freed blocks in this process's heap (engine/memory.py)
 
     @classmethod
     def from_kwargs(cls, **kwargs) -> EngineOptions:

@@ -14,6 +14,7 @@ import torch
 from glm_ray.config import load_model_config
 from glm_ray.engine.config import EngineLimits, EngineOptions
 from glm_ray.engine.kv_cache import PagedKVCache, kv_bytes_per_token
+from glm_ray.engine.memory import retain_freed_memory
 from glm_ray.engine.model_runner import ModelRunner
 from glm_ray.engine.outputs import RequestDelta
 from glm_ray.engine.request import Request
@@ -29,6 +30,8 @@ class LLMEngine:
     def __init__(self, model: str | Path, options: EngineOptions | None = None, experts: ExpertBackend | None = None):
         self.model_dir = Path(model)
         self.options = options or EngineOptions()
+        if self.options.retain_freed_memory:
+            retain_freed_memory()
         self.model_config = load_model_config(self.model_dir)
         self.dtype = resolve_dtype(self.options.dtype, self.model_config)
         self.tokenizer = Tokenizer.from_pretrained(self.model_dir)

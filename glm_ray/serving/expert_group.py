@@ -16,6 +16,7 @@ import torch
 from ray import serve
 
 from glm_ray.config import load_model_config
+from glm_ray.engine.memory import retain_freed_memory
 from glm_ray.experts.server import ExpertServer
 from glm_ray.model.loader import load_weights
 
@@ -42,6 +43,7 @@ class ExpertGroup:
     async def __init__(self, model_dir: str, group: int, expert_ids: list[int], dtype: str, router,
                        bind_host: str = "127.0.0.1", heartbeat_interval_s: float = 0.5, num_threads: int = 1):
         torch.set_num_threads(num_threads)
+        retain_freed_memory()  # as the engine does: per-call temporaries must not page-fault
         self.group, self.expert_ids, self.router = group, list(expert_ids), router
         self.heartbeat_interval_s = heartbeat_interval_s
         config = load_model_config(model_dir)
