@@ -55,12 +55,16 @@ async def _stream_all(handle, workload: Workload, t0: float):
 
 
 def run_distributed(model_dir: str | Path, workload: Workload, dtype: str = "float32", groups: int = 2,
-                    attention_replicas: int = 1, kv_cache_memory: int = 1 << 30) -> dict:
+                    attention_replicas: int = 1, kv_cache_memory: int = 1 << 30,
+                    attention_cpus: float | None = None) -> dict:
+    """`attention_cpus`: CPUs reserved by (and torch threads of) the attention replica; default
+    every core: with one attention replica it computes while the expert groups wait, and the
+    other way round, so they do not compete for cores."""
     import ray
     from ray import serve
 
     from glm_ray.serving.app import build_app
-    from glm_ray.serving.config import ServeConfig
+    from glm_ray.serving.config import Resources, ServeConfig
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     start = time.monotonic()
@@ -69,7 +73,8 @@ def run_distributed(model_dir: str | Path, workload: Workload, dtype: str = "flo
         serve.start(http_options={"location": "NoServer"})
         cfg = ServeConfig(model=str(model_dir), expert_groups=groups, attention_replicas=attention_replicas,
                           dtype=dtype, kv_cache_memory=kv_cache_memory, max_num_seqs=workload.max_num_seqs,
-                          max_num_batched_tokens=MAX_NUM_BATCHED_TOKENS)
+                          max_num_batched_tokens=MAX_NUM_BATCHED_TOKENS,
+                          attention_resources=Resources(num_cpus=attention_cpus or os.cpu_count() or 1))
         serve.run(build_app(cfg), name=APP, route_prefix=None)
         router = serve.get_deployment_handle("ExpertRouter", app_name=APP)
         while router.status.remote().result()["missing_groups"]:
@@ -96,7 +101,8 @@ def run_distributed(model_dir: str | Path, workload: Workload, dtype: str = "flo
     return {
         "system": f"distributed (G={groups}, N={attention_replicas})",
         "options": cfg.model_dump(include={"expert_groups", "attention_replicas", "dtype", "kv_cache_memory",
-                                           "max_num_seqs", "max_num_batched_tokens"}),
+                                           "max_num_seqs", "max_num_batched_tokens", "attention_resources",
+                                           "expert_resources"}),
         "load_time_s": load_time,
         "wall_time_s": wall,
         "num_requests": len(results),

@@ -57,6 +57,11 @@ class AsyncLLMEngine:
         try:
             while True:
                 item = await stream.get()
+                # a consumer that fell behind gets what piled up as one delta: one message per
+                # wake-up instead of one per step (streaming costs per message, not per token)
+                while not isinstance(item, BaseException) and not item.finished and not stream.empty():
+                    later = stream.get_nowait()
+                    item = later if isinstance(later, BaseException) else item.then(later)
                 if isinstance(item, BaseException):
                     raise item
                 yield item

@@ -161,3 +161,29 @@ def test_async_streams_concurrently_and_aborts(tiny_model_dir, llm):
         assert engine.engine.scheduler.block_manager.num_used_blocks == 0
     finally:
         engine.shutdown()
+
+
+def test_a_slow_consumer_gets_the_piled_up_deltas_merged(tiny_model_dir, llm):
+    """A stream read late receives fewer, merged deltas: the same tokens, text and logprobs."""
+    engine = AsyncLLMEngine(tiny_model_dir, EngineOptions(dtype="float32"))
+    p = prompt(7, seed=3)["prompt_token_ids"]
+    params = greedy(max_tokens=24, ignore_eos=True, logprobs=1)
+    want = llm.generate({"prompt_token_ids": p}, params)[0].outputs[0]
+
+    async def slow_reader():
+        deltas = []
+        async for d in engine.generate("slow", p, params):
+            deltas.append(d)
+            await asyncio.sleep(0.2)  # the engine runs ahead meanwhile
+        return deltas
+
+    try:
+        deltas = asyncio.run(slow_reader())
+        assert len(deltas) < 24 and any(len(d.new_token_ids) > 1 for d in deltas)
+        assert [t for d in deltas for t in d.new_token_ids] == list(want.token_ids)
+        assert "".join(d.new_text for d in deltas) == want.text
+        logprobs = [lp for d in deltas for lp in d.new_logprobs]
+        assert [sorted(lp) for lp in logprobs] == [sorted(lp) for lp in want.logprobs]
+        assert deltas[-1].finish_reason == "length" and deltas[-1].num_output_tokens == 24
+    finally:
+        engine.shutdown()
