@@ -101,8 +101,8 @@ def run_distributed(model_dir: str | Path, workload: Workload, dtype: str = "flo
     return {
         "system": f"distributed (G={groups}, N={attention_replicas})",
         "options": cfg.model_dump(include={"expert_groups", "attention_replicas", "dtype", "kv_cache_memory",
-                                           "max_num_seqs", "max_num_batched_tokens", "attention_resources",
-                                           "expert_resources"}),
+                                           "max_num_seqs", "max_num_batched_tokens", "microbatches",
+                                           "attention_resources", "expert_resources"}),
         "load_time_s": load_time,
         "wall_time_s": wall,
         "num_requests": len(results),

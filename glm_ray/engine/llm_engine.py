@@ -45,7 +45,7 @@ class LLMEngine:
             o.enable_prefix_caching, o.long_prefill_token_threshold))
         self.cache = PagedKVCache(self.model_config, self.limits.num_kv_blocks, o.block_size, self.dtype)
         sampler = Sampler(self.model_config.eos_token_ids, torch.Generator().manual_seed(o.seed))
-        self.runner = ModelRunner(self.model, self.experts, self.cache, sampler)
+        self.runner = ModelRunner(self.model, self.experts, self.cache, sampler, o.microbatches)
         self.requests: dict[str, Request] = {}
         self.step_stats = {"steps": 0, "step_s": 0.0, "batched_tokens": 0}  # cumulative, for benchmarks
 

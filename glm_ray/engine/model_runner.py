@@ -24,21 +24,22 @@ class StepResult:
 
 
 class ModelRunner:
-    def __init__(self, model: Glm4MoeModel, experts: ExpertBackend, cache: PagedKVCache, sampler: Sampler):
+    """`microbatches` > 1 splits a step's sequences into that many groups of about equal tokens,
+    run layer by layer in turn (`Glm4MoeModel.forward_interleaved`): with remote experts, one
+    group's attention then overlaps another's expert round trip."""
+
+    def __init__(self, model: Glm4MoeModel, experts: ExpertBackend, cache: PagedKVCache, sampler: Sampler,
+                 microbatches: int = 1):
         self.model, self.experts, self.cache, self.sampler = model, experts, cache, sampler
+        self.microbatches = microbatches
 
     @torch.inference_mode()
     def run(self, chunks: list[ScheduledChunk], requests: dict) -> StepResult:
-        ids, positions, step_chunks = [], [], []
-        offset = 0
+        step_chunks, offset = [], 0
         for c in chunks:
-            ids.extend(c.token_ids)
-            positions.extend(range(c.start, c.end))
             step_chunks.append(StepChunk(offset, c.num_tokens, c.end, c.seq.block_table))
             offset += c.num_tokens
-        attn = PagedAttention(self.cache, step_chunks)
-        hidden = self.model(torch.tensor(ids, dtype=torch.long), torch.tensor(positions, dtype=torch.long), attn,
-                            self.experts)  # [T, H]
+        hidden = self._forward(chunks, step_chunks)  # [T, H]
 
         prompt_logits = {}
         for c, sc in zip(chunks, step_chunks):
@@ -57,3 +58,31 @@ class ModelRunner:
         tokens = out.sampled_token_ids.tolist()
         return StepResult({r.request_id: t for r, t in zip(reqs, tokens)},
                           {r.request_id: lp for r, lp in zip(reqs, out.logprobs)}, prompt_logits)
+
+    def _forward(self, chunks: list[ScheduledChunk], step_chunks: list[StepChunk]) -> torch.Tensor:
+        groups = _split_by_tokens(len(chunks), [c.num_tokens for c in chunks], self.microbatches)
+        batches = []
+        for start, end in groups:
+            ids, positions, local, offset = [], [], [], 0
+            for c, sc in zip(chunks[start:end], step_chunks[start:end]):
+                ids.extend(c.token_ids)
+                positions.extend(range(c.start, c.end))
+                local.append(StepChunk(offset, sc.num_tokens, sc.context_len, sc.blocks))
+                offset += sc.num_tokens
+            batches.append((torch.tensor(ids, dtype=torch.long), torch.tensor(positions, dtype=torch.long),
+                            PagedAttention(self.cache, local)))
+        if len(batches) == 1:
+            return self.model(*batches[0], self.experts)
+        return torch.cat(self.model.forward_interleaved(batches, self.experts))
+
+
+def _split_by_tokens(n: int, num_tokens: list[int], parts: int) -> list[tuple[int, int]]:
+    """[start, end) runs of the n chunks, at most `parts` of them, each near total/parts tokens."""
+    parts = max(1, min(parts, n))
+    total, bounds, acc = sum(num_tokens), [0], 0
+    for i, t in enumerate(num_tokens[:-1]):
+        acc += t
+        if len(bounds) < parts and acc >= total * len(bounds) / parts:
+            bounds.append(i + 1)
+    bounds.append(n)
+    return list(zip(bounds, bounds[1:]))

@@ -17,7 +17,9 @@ class PendingExperts(Protocol):
     def result(self) -> torch.Tensor: ...
 
 
-class _Done:
+class Done:
+    """A result that is already there."""
+
     def __init__(self, value: torch.Tensor):
         self.value = value
 
@@ -37,4 +39,4 @@ class ExpertBackend(ABC):
         self, layer: int, hidden_states: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor
     ) -> PendingExperts:
         """Start `forward`; the default computes it now."""
-        return _Done(self.forward(layer, hidden_states, topk_ids, topk_weights))
+        return Done(self.forward(layer, hidden_states, topk_ids, topk_weights))

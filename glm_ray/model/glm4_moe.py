@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from glm_ray.config import ModelConfig
-from glm_ray.experts.backend import ExpertBackend
+from glm_ray.experts.backend import Done, ExpertBackend
 from glm_ray.model.attention import Attention, AttentionBackend
 from glm_ray.model.layers import RMSNorm, RotaryEmbedding, SwiGLU
 from glm_ray.model.moe import MoE
@@ -28,10 +28,14 @@ class DecoderLayer(nn.Module):
         self.mlp = MoE(config, layer) if self.is_moe else SwiGLU(config.hidden_size, config.intermediate_size)
 
     def forward(self, hidden_states, cos_sin, rotary, attn: AttentionBackend, experts: ExpertBackend):
+        hidden_states, pending = self.begin(hidden_states, cos_sin, rotary, attn, experts)
+        return hidden_states + pending.result()
+
+    def begin(self, hidden_states, cos_sin, rotary, attn: AttentionBackend, experts: ExpertBackend):
+        """Attention, then the MLP put in flight: (residual stream, pending MLP output)."""
         hidden_states = hidden_states + self.self_attn(self.input_layernorm(hidden_states), cos_sin, rotary, attn)
         x = self.post_attention_layernorm(hidden_states)
-        x = self.mlp(x, experts) if self.is_moe else self.mlp(x)
-        return hidden_states + x
+        return hidden_states, (self.mlp.begin(x, experts) if self.is_moe else Done(self.mlp(x)))
 
 
 class Glm4MoeModel(nn.Module):
@@ -57,6 +61,23 @@ class Glm4MoeModel(nn.Module):
         for layer in self.layers:
             hidden_states = layer(hidden_states, cos_sin, self.rotary, attn, experts)
         return self.norm(hidden_states)
+
+    def forward_interleaved(self, batches: list[tuple[torch.Tensor, torch.Tensor, AttentionBackend]],
+                            experts: ExpertBackend) -> list[torch.Tensor]:
+        """`forward` of several micro-batches [(input_ids, positions, attn)], layer by layer in turn,
+        so one micro-batch's routed experts are in flight (remote backends) while the next one's
+        attention runs. Each result equals `forward` of that micro-batch alone."""
+        states = []
+        for input_ids, positions, attn in batches:
+            hidden_states = self.embed_tokens(input_ids)
+            states.append([hidden_states, self.rotary.cos_sin(positions, hidden_states.dtype), attn, None])
+        for layer in self.layers:
+            for state in states:
+                hidden_states, cos_sin, attn, pending = state
+                if pending is not None:  # this micro-batch's previous layer: its MLP output is due
+                    hidden_states = hidden_states + pending.result()
+                state[0], state[3] = layer.begin(hidden_states, cos_sin, self.rotary, attn, experts)
+        return [self.norm(hidden_states + pending.result()) for hidden_states, _, _, pending in states]
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """[T, H] -> fp32 logits [T, V]."""

@@ -70,9 +70,20 @@ class MoE(nn.Module):
         )
 
     def forward(self, hidden_states: torch.Tensor, experts: ExpertBackend) -> torch.Tensor:
+        return self.begin(hidden_states, experts).result()
+
+    def begin(self, hidden_states: torch.Tensor, experts: ExpertBackend) -> PendingMoE:
+        """Route and put the routed work in flight; `.result()` adds the shared expert and waits."""
         topk_ids, topk_weights = self.gate(hidden_states)
-        pending = experts.submit(self.layer, hidden_states, topk_ids, topk_weights)
+        return PendingMoE(self, hidden_states, experts.submit(self.layer, hidden_states, topk_ids, topk_weights))
+
+
+class PendingMoE:
+    def __init__(self, moe: MoE, hidden_states: torch.Tensor, routed):
+        self.moe, self.hidden_states, self.routed = moe, hidden_states, routed
+
+    def result(self) -> torch.Tensor:
         # the shared expert runs while routed work is in flight (remote backends)
-        shared = self.shared_experts(hidden_states) if self.shared_experts is not None else None
-        routed = pending.result()
+        shared = self.moe.shared_experts(self.hidden_states) if self.moe.shared_experts is not None else None
+        routed = self.routed.result()
         return routed if shared is None else routed + shared

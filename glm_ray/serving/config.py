@@ -50,6 +50,9 @@ class ServeConfig(BaseModel):
     max_num_batched_tokens: int = Field(2048, ge=1, description="tokens per engine step")
     max_model_len: int | None = Field(None, ge=1, description="prompt + output limit; default the model's")
     max_ongoing_requests: int = Field(256, ge=1, description="Serve's cap on concurrent calls per attention replica")
+    microbatches: int = Field(1, ge=1, description="each engine step's sequences in this many groups, run layer by "
+                              "layer in turn so one group's expert round trip overlaps the next one's attention "
+                              "(pays off when attention and expert groups have their own cores; see BENCHMARKS.md)")
     max_body_bytes: int = Field(32 << 20, ge=1, description="HTTP request bodies above this get 413")
     max_pending_requests: int = Field(256, ge=1, description="requests in flight at the ingress before 429")
 

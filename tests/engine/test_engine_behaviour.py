@@ -187,3 +187,19 @@ def test_a_slow_consumer_gets_the_piled_up_deltas_merged(tiny_model_dir, llm):
         assert deltas[-1].finish_reason == "length" and deltas[-1].num_output_tokens == 24
     finally:
         engine.shutdown()
+
+
+def test_interleaved_microbatches_give_the_same_outputs(tiny_model_dir, llm):
+    """A step split into 2 or 3 micro-batches run layer by layer in turn: same tokens, same
+    prompt logprobs as the whole step, prefills and decodes mixed."""
+    prompts = [{"prompt_token_ids": prompt(n, seed=n)["prompt_token_ids"]} for n in (1, 5, 17, 40, 3, 64, 9)]
+    params = greedy(max_tokens=10, ignore_eos=True, prompt_logprobs=1)
+    want = llm.generate(prompts, params)
+    for parts in (2, 3):
+        got = LLM(tiny_model_dir, dtype="float32", microbatches=parts, max_num_batched_tokens=48).generate(prompts,
+                                                                                                     params)
+        for g, w in zip(got, want):
+            assert g.outputs[0].token_ids == w.outputs[0].token_ids
+            for a, b in zip(g.prompt_logprobs[1:], w.prompt_logprobs[1:]):
+                for t in b:
+                    assert abs(a[t].logprob - b[t].logprob) < 1e-4

@@ -72,6 +72,36 @@ def test_streaming_chat_with_usage(client, llm):
     assert usage.completion_tokens == 12 and usage.prompt_tokens == len(want.prompt_token_ids)
 
 
+def test_chat_whole_and_streamed_completion_with_logprobs(client, llm):
+    """Non-streamed chat and streamed completion, both with logprobs equal to the engine's."""
+    messages = [{"role": "user", "content": "Tell me a story"}]
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, logprobs=2)
+    want = llm.chat(messages, params, chat_template_kwargs={"enable_thinking": False})[0].outputs[0]
+    r = client.chat.completions.create(model="glm-tiny", messages=messages, max_completion_tokens=8, temperature=0,
+                                       logprobs=True, top_logprobs=2,
+                                       extra_body={"ignore_eos": True,
+                                                   "chat_template_kwargs": {"enable_thinking": False}})
+    choice = r.choices[0]
+    assert choice.message.content == want.text and choice.finish_reason == "length"
+    assert r.usage.completion_tokens == 8
+    got = [e.logprob for e in choice.logprobs.content]
+    assert got == pytest.approx([lp[t].logprob for t, lp in zip(want.token_ids, want.logprobs)], abs=1e-4)
+    assert all(len(e.top_logprobs) == 2 for e in choice.logprobs.content)
+
+    want = llm.generate("Once upon", params)[0].outputs[0]
+    text, logprobs, usage = "", [], None
+    for chunk in client.completions.create(model="glm-tiny", prompt="Once upon", max_tokens=8, temperature=0,
+                                           logprobs=2, stream=True, stream_options={"include_usage": True},
+                                           extra_body={"ignore_eos": True}):
+        if chunk.choices:
+            text += chunk.choices[0].text
+            if chunk.choices[0].logprobs:
+                logprobs += chunk.choices[0].logprobs.token_logprobs
+        usage = chunk.usage or usage
+    assert text == want.text and usage.completion_tokens == 8
+    assert logprobs == pytest.approx([lp[t].logprob for t, lp in zip(want.token_ids, want.logprobs)], abs=1e-4)
+
+
 @pytest.mark.parametrize("body, status", [
     ({"model": "glm-tiny", "prompt": "hi", "temperature": -1}, 400),
     ({"model": "glm-tiny", "prompt": "hi", "max_tokens": 0}, 400),
