@@ -240,3 +240,67 @@ def test_cli_status_chat_and_bench_against_the_server(server, llm, tmp_path):
     assert entry["server"]["num_output_tokens"] == entry["workload"]["num_output_tokens"]
     assert entry["server"]["output_tokens_per_s"] > 0 and entry["server"]["ttft_ms"]["count"] == 5
     assert "server" in r.stdout  # the table row
+
+
+@pytest.fixture(scope="module")
+def scripted(server, tiny_model_dir):
+    """The real ingress on Serve (HTTP proxy, streaming handles, parsers) over an attention
+    deployment that replays canned GLM output: a random-weights model never emits tool calls."""
+    from ray import serve
+
+    from fake_backend import GLM_OUTPUT, pieces
+    from glm_ray.serving.ingress import Ingress
+    from glm_ray.serving.router import ExpertRouter
+
+    app = Ingress.bind(ScriptedAttention.bind(pieces(GLM_OUTPUT, 3)),
+                       ExpertRouter.bind({"version": 1, "groups": [list(range(8))]}, 1, 3.0), [], str(tiny_model_dir),
+                       "glm-scripted", {"dtype": "float32", "max_model_len": 4096})
+    serve.run(app, name="scripted", route_prefix="/scripted")
+    yield openai.OpenAI(base_url=f"{server}/scripted/v1", api_key="unused", max_retries=0)
+    serve.delete("scripted")
+
+
+def _scripted_attention():
+    from ray import serve
+
+    @serve.deployment(ray_actor_options={"num_cpus": 0.1})
+    class ScriptedAttention:
+        def __init__(self, script: list[str]):
+            self.script = script
+
+        async def generate(self, request: dict):
+            for i, piece in enumerate(self.script):
+                last = i == len(self.script) - 1
+                yield {"request_id": request["request_id"], "token_ids": [7], "text": piece, "logprobs": None,
+                       "finish_reason": "stop" if last else None, "stop_reason": None,
+                       "num_prompt_tokens": len(request["prompt_token_ids"]), "num_output_tokens": i + 1,
+                       "prompt_logprobs": None}
+
+    return ScriptedAttention
+
+
+ScriptedAttention = _scripted_attention()
+
+
+def test_tool_calls_and_reasoning_through_serve(scripted):
+    from fake_backend import TOOLS, WEATHER_ARGS
+
+    messages = [{"role": "user", "content": "Weather?"}]
+    whole = scripted.chat.completions.create(model="glm-scripted", messages=messages, tools=TOOLS).choices[0]
+    assert whole.finish_reason == "tool_calls" and whole.message.content == "Let me check."
+    assert whole.message.reasoning_content == "The user wants weather."
+    assert [c.function.name for c in whole.message.tool_calls] == ["get_weather", "get_time"]
+    assert json.loads(whole.message.tool_calls[0].function.arguments) == WEATHER_ARGS  # typed by the schema
+    assert json.loads(whole.message.tool_calls[1].function.arguments) == {"zone": "0800"}  # a string stays one
+
+    chunks = list(scripted.chat.completions.create(model="glm-scripted", messages=messages, tools=TOOLS,
+                                                   stream=True))
+    deltas = [c.choices[0].delta for c in chunks if c.choices]
+    assert "".join(getattr(d, "reasoning_content", None) or "" for d in deltas) == "The user wants weather."
+    assert "".join(d.content or "" for d in deltas) == "Let me check."
+    args = {}
+    for d in deltas:
+        for call in d.tool_calls or []:
+            args[call.index] = args.get(call.index, "") + (call.function.arguments or "")
+    assert json.loads(args[0]) == WEATHER_ARGS and json.loads(args[1]) == {"zone": "0800"}
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
