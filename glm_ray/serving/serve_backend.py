@@ -13,6 +13,9 @@ from glm_ray.model.loader import resolve_dtype
 from glm_ray.tokenizer import Tokenizer
 
 
+ATTENTION_PROBE_S = 5.0
+
+
 class ServeBackend:
     def __init__(self, attention, router, model_dir: str, model_name: str, engine_options: dict):
         self.attention = attention
@@ -31,11 +34,17 @@ class ServeBackend:
             yield delta
 
     async def health(self) -> tuple[bool, dict]:
+        """Ready when an attention replica answers and every expert group has a live replica."""
         status = await self.router.status.remote()
-        ok = not status["missing_groups"]
-        detail = {"status": "ok" if ok else f"expert groups without a live replica: {status['missing_groups']}",
-                  "model": self.model_name, "replicas": status["replicas"]}
-        return ok, detail
+        problems = []
+        try:
+            await asyncio.wait_for(self.attention.engine_stats.remote(), ATTENTION_PROBE_S)
+        except Exception as e:  # noqa: BLE001 - dead, restarting, or too slow: not ready either way
+            problems.append(f"no attention replica answered within {ATTENTION_PROBE_S:.0f} s ({type(e).__name__})")
+        if status["missing_groups"]:
+            problems.append(f"expert groups without a live replica: {status['missing_groups']}")
+        detail = {"status": "; ".join(problems) or "ok", "model": self.model_name, "replicas": status["replicas"]}
+        return not problems, detail
 
     async def experts(self) -> dict:
         status = await self.router.status.remote()
