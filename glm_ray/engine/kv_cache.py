@@ -54,7 +54,9 @@ class PagedAttention:
             for pos in range(c.context_len - c.num_tokens, c.context_len):
                 slots.append(c.blocks[pos // bs] * bs + pos % bs)
         self.slot_mapping = torch.tensor(slots, dtype=torch.long)  # [T]
-        self.prefills = [(c, torch.tensor(c.blocks[:_num_blocks(c.context_len, bs)], dtype=torch.long))
+        # a whole prompt attends to this step's own keys; a continued one gathers its earlier blocks
+        self.prefills = [(c, None if c.num_tokens == c.context_len else
+                          torch.tensor(c.blocks[:_num_blocks(c.context_len, bs)], dtype=torch.long))
                          for c in chunks if c.num_tokens > 1]
         decodes = sorted((c for c in chunks if c.num_tokens == 1), key=lambda c: c.context_len)
         # decodes of similar length attend together: each bucket is padded to its own longest
@@ -68,7 +70,7 @@ class PagedAttention:
         out = torch.empty_like(q)
         for c, blocks in self.prefills:
             rows = slice(c.offset, c.offset + c.num_tokens)
-            if c.num_tokens == c.context_len:  # a whole prompt: its keys are this step's own
+            if blocks is None:
                 kc, vc = k[rows], v[rows]
             else:
                 kc = k_cache.index_select(0, blocks).flatten(0, 1)[:c.context_len]  # [Tk, Hkv, D]

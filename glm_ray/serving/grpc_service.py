@@ -17,7 +17,7 @@ import grpc
 from pydantic import BaseModel, ValidationError
 
 from glm_ray.serving.openai.chat import chat_events, start_chat
-from glm_ray.serving.openai.completions import prompts_of
+from glm_ray.serving.openai.completions import prompts_of, token_text
 from glm_ray.serving.openai.errors import OpenAIError, from_exception, from_validation_error
 from glm_ray.serving.openai.metrics import Metrics
 from glm_ray.serving.openai.middleware import Admission
@@ -73,18 +73,14 @@ def _validated(model: type[BaseModel], body: dict) -> BaseModel:
 
 
 def _logprobs(tokenizer, token_ids: list[int], entries: list[dict] | None) -> list[pb.TokenLogprob]:
-    def text(token_id, entry) -> str:
-        if entry.get("decoded_token") is not None:
-            return entry["decoded_token"]
-        return tokenizer.decode([int(token_id)], skip_special_tokens=False)
-
     out = []
     for token_id, entry in zip(token_ids, entries or []):
         chosen = entry[str(token_id)]
         top = sorted(entry.items(), key=lambda kv: kv[1]["rank"])
-        out.append(pb.TokenLogprob(token_id=token_id, token=text(token_id, chosen), logprob=chosen["logprob"],
-                                   top_logprobs=[pb.TopLogprob(token_id=int(t), token=text(t, e), logprob=e["logprob"])
-                                                 for t, e in top if int(t) != token_id]))
+        out.append(pb.TokenLogprob(
+            token_id=token_id, token=token_text(tokenizer, token_id, chosen), logprob=chosen["logprob"],
+            top_logprobs=[pb.TopLogprob(token_id=int(t), token=token_text(tokenizer, t, e), logprob=e["logprob"])
+                          for t, e in top if int(t) != token_id]))
     return out
 
 

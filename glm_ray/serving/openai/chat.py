@@ -9,6 +9,7 @@ import time
 import jinja2
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from glm_ray.serving.openai.completions import token_text
 from glm_ray.serving.openai.errors import OpenAIError, from_exception
 from glm_ray.serving.openai.reasoning import ReasoningStream, split, thinking_enabled
 from glm_ray.serving.openai.sampling import (check_common, check_length, make_request, new_id, sampling_dict,
@@ -66,8 +67,7 @@ def _render(body: ChatCompletionRequest, tokenizer) -> str:
 def _logprobs(tokenizer, token_ids: list[int], entries: list[dict] | None, num_top: int) -> list[dict]:
     """Chat-format logprobs entries: token, logprob, bytes, top_logprobs."""
     def item(token_id, entry):
-        text = entry["decoded_token"] if entry.get("decoded_token") is not None else \
-            tokenizer.decode([int(token_id)], skip_special_tokens=False)
+        text = token_text(tokenizer, token_id, entry)
         return {"token": text, "logprob": entry["logprob"], "bytes": list(text.encode("utf-8"))}
 
     out = []
