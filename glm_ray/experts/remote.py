@@ -132,7 +132,8 @@ class EventLoopThread:
 
 
 class PendingRemote:
-    def __init__(self, owner: RemoteExperts, future: Future, rows: list[torch.Tensor], like: torch.Tensor):
+    def __init__(self, owner: RemoteExperts, future: Future, rows: list[torch.Tensor | None], like: torch.Tensor):
+        """rows: per group, the token rows it was sent (None: all of them)."""
         self._owner, self._future, self._rows, self._like = owner, future, rows, like
         self._value: torch.Tensor | None = None
 
@@ -148,10 +149,14 @@ class PendingRemote:
         for rows, raw in zip(self._rows, replies):
             reply = pb.ForwardReply.FromString(raw)
             partial = tensor_from_proto(reply.partial, what="ForwardReply.partial")  # [T_g, H] fp32
-            if partial.dtype != torch.float32 or partial.shape != (len(rows), out.shape[1]):
+            n = out.shape[0] if rows is None else len(rows)
+            if partial.dtype != torch.float32 or partial.shape != (n, out.shape[1]):
                 raise ExpertCallError(f"expert reply is {partial.dtype} {list(partial.shape)}, "
-                                      f"expected float32 [{len(rows)}, {out.shape[1]}]")
-            out.index_add_(0, rows, partial)
+                                      f"expected float32 [{n}, {out.shape[1]}]")
+            if rows is None:  # the group got every token
+                out += partial
+            else:  # rows are distinct: gather, add, put back (index_add_ is ~10x slower on CPU)
+                out[rows] += partial
             received += len(raw)
             compute += reply.compute_s
         self._value = out.to(device=self._like.device, dtype=self._like.dtype)
@@ -210,18 +215,19 @@ class RemoteExperts(ExpertBackend):
         for g in np.unique(group).tolist():  # groups no token chose get no call
             mine = group == g  # [T, K]
             g_rows = np.flatnonzero(mine.any(axis=1))  # [T_g]
+            every = len(g_rows) == len(ids)  # common in decode: then no row gathers at all
             req = pb.ForwardRequest(layer=layer, request_id=request_id, placement_version=self.placement.version)
-            array_to_proto(x_np[g_rows], x_dtype, req.hidden_states)
-            local_ids = np.where(mine[g_rows], slot[g_rows], -1).astype(self._id_dtype)
-            array_to_proto(local_ids, self._id_name, req.local_ids)
-            array_to_proto(weights[g_rows], "float32", req.topk_weights)
+            array_to_proto(x_np if every else x_np[g_rows], x_dtype, req.hidden_states)
+            local_ids = np.where(mine, slot, -1) if every else np.where(mine[g_rows], slot[g_rows], -1)
+            array_to_proto(local_ids.astype(self._id_dtype), self._id_name, req.local_ids)
+            array_to_proto(weights if every else weights[g_rows], "float32", req.topk_weights)
             payload = req.SerializeToString()
             largest = max(len(payload), len(g_rows) * x.shape[1] * 4)  # the reply is [T_g, H] fp32
             if largest > MAX_MESSAGE_BYTES:
                 raise ValueError(f"MoE layer {layer}: {len(g_rows)} tokens for expert group {g} make a "
                                  f"{largest / 2**20:.0f} MiB message, over the {MAX_MESSAGE_BYTES >> 20} MiB gRPC "
                                  "limit; run prefill in smaller chunks")
-            rows.append(torch.from_numpy(g_rows))
+            rows.append(None if every else torch.from_numpy(g_rows))
             payloads.append((g, payload))
         future = self._loop.submit(self._dispatch(layer, payloads))
         self.stats.add(serialize_s=time.perf_counter() - t0, bytes_sent=sum(len(p) for _, p in payloads))

@@ -77,6 +77,29 @@ def test_random_routing_equals_local(loop, tiny_model_dir, config, num_groups):
         stop_all(loop, servers)
 
 
+def test_groups_with_all_or_some_tokens_equal_local(loop, tiny_model_dir, config):
+    """Group 0 gets every token (its reply is added whole), group 1 only the odd ones (its reply is
+    added at their rows): both paths of the scatter-add, in one call."""
+    local = LocalExperts(load_weights(tiny_model_dir, dtype="float32", dense=False).experts)
+    placement = Placement.contiguous(config.n_routed_experts, 2)
+    servers, replicas = start_servers(loop, tiny_model_dir, placement)
+    first, second = placement.experts_of(0), placement.experts_of(1)
+    x, _, w = random_routing(config, 9, seed=5)
+    k = config.num_experts_per_tok
+    ids = torch.tensor([[first[(t + j) % len(first)] for j in range(k - 1)]
+                        + [second[t % len(second)] if t % 2 else first[(t + k - 1) % len(first)]]
+                        for t in range(9)])
+    assert len(set(map(tuple, ids.sort(dim=1).values.tolist()))) > 1 and all(len(set(r)) == k for r in ids.tolist())
+    try:
+        with RemoteExperts(placement, replicas) as remote:
+            layer = config.moe_layers[0]
+            torch.testing.assert_close(remote.forward(layer, x, ids, w), local.forward(layer, x, ids, w),
+                                       rtol=1e-5, atol=1e-5)
+            assert remote.stats.take()["calls"] == 2
+    finally:
+        stop_all(loop, servers)
+
+
 @pytest.mark.parametrize("num_groups", [1, 2, 3])
 def test_whole_model_equals_local(loop, tiny_model_dir, config, num_groups):
     model, local, _ = load_model(tiny_model_dir, dtype="float32")
