@@ -216,11 +216,12 @@ class RemoteExperts(ExpertBackend):
             mine = group == g  # [T, K]
             g_rows = np.flatnonzero(mine.any(axis=1))  # [T_g]
             every = len(g_rows) == len(ids)  # common in decode: then no row gathers at all
+            sel = slice(None) if every else g_rows  # a slice selects by view, an index array copies
             req = pb.ForwardRequest(layer=layer, request_id=request_id, placement_version=self.placement.version)
-            array_to_proto(x_np if every else x_np[g_rows], x_dtype, req.hidden_states)
-            local_ids = np.where(mine, slot, -1) if every else np.where(mine[g_rows], slot[g_rows], -1)
-            array_to_proto(local_ids.astype(self._id_dtype), self._id_name, req.local_ids)
-            array_to_proto(weights if every else weights[g_rows], "float32", req.topk_weights)
+            array_to_proto(x_np[sel], x_dtype, req.hidden_states)
+            local_ids = np.where(mine[sel], slot[sel], -1).astype(self._id_dtype)
+            array_to_proto(local_ids, self._id_name, req.local_ids)
+            array_to_proto(weights[sel], "float32", req.topk_weights)
             payload = req.SerializeToString()
             largest = max(len(payload), len(g_rows) * x.shape[1] * 4)  # the reply is [T_g, H] fp32
             if largest > MAX_MESSAGE_BYTES:
