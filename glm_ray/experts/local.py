@@ -13,6 +13,7 @@ from collections.abc import Iterable
 import torch
 import torch.nn.functional as F
 
+from glm_ray.experts import swiglu_kernel
 from glm_ray.experts.backend import ExpertBackend
 
 
@@ -41,7 +42,7 @@ def grouped_swiglu(hidden_states: torch.Tensor, local_ids: torch.Tensor, weights
     order, sorted_ids = order[skipped:], sorted_ids[skipped:]
     counts = torch.bincount(sorted_ids, minlength=w13.shape[0])
     x = hidden_states[order // k]  # [P', H], grouped by expert
-    y = _experts_path(counts)(x, counts, w13, w2)
+    y = _experts_path(counts, kernel=swiglu_kernel.usable(x, w13, w2))(x, counts, w13, w2)
     # un-sort with one row scatter, then add each token's K pairs (no index_add_, which is slow on CPU)
     pairs = torch.zeros(t * k, hidden_states.shape[1], dtype=torch.float32, device=x.device)
     pairs[order] = y * weights.reshape(-1)[order, None].float()
@@ -50,12 +51,17 @@ def grouped_swiglu(hidden_states: torch.Tensor, local_ids: torch.Tensor, weights
 
 _HAS_GROUPED_MM = hasattr(F, "grouped_mm")
 PADDED_MAX_ROWS = 32  # up to this many tokens per expert, one padded bmm beats grouped_mm on CPU
+KERNEL_MAX_ROWS = 96  # up to this many, the C kernel beats both (beyond, all three are level)
 
 
-def _experts_path(counts: torch.Tensor):
-    """Few tokens per expert (decode) is memory bound: a padded batched matmul over all experts
+def _experts_path(counts: torch.Tensor, kernel: bool = False):
+    """Few tokens per expert (decode) is memory bound. The C kernel (swiglu_kernel.c) reads each
+    expert's weights once without a packing pass: fastest up to KERNEL_MAX_ROWS rows an expert,
+    wherever it can run (fp32 on an AVX2 CPU). Without it, a padded batched matmul over all experts
     streams the weights fastest, as long as nearly every expert has work (an idle expert's weights
     would be read for nothing). Otherwise grouped_mm runs each expert on exactly its rows."""
+    if kernel and counts.numel() and int(counts.max()) <= KERNEL_MAX_ROWS:
+        return swiglu_kernel.swiglu
     if not _HAS_GROUPED_MM:
         return _looped_experts
     if counts.numel() and int(counts.max()) <= PADDED_MAX_ROWS and 4 * int((counts > 0).sum()) >= 3 * counts.numel():

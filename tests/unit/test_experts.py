@@ -133,3 +133,84 @@ def test_bias_chooses_but_does_not_weight():
                          routed_scaling_factor=1.0)
     assert ids.tolist() == [[3]]
     assert weights.item() == pytest.approx(torch.sigmoid(torch.tensor(-1.0)).item())
+
+
+# The C kernel (glm_ray/experts/swiglu_kernel.c). On a machine where it can be built it must be;
+# elsewhere (no compiler, no AVX2) the torch paths run and these tests skip.
+from glm_ray.experts import swiglu_kernel  # noqa: E402
+
+needs_kernel = pytest.mark.skipif(swiglu_kernel.unavailable_reason() is not None,
+                                  reason=f"C kernel unavailable: {swiglu_kernel.unavailable_reason()}")
+
+
+@needs_kernel
+def test_kernel_builds_and_loads_where_it_can():
+    assert swiglu_kernel.load() is not None
+
+
+@needs_kernel
+@pytest.mark.parametrize("hidden, inter", [(16, 8), (20, 12), (512, 256)])  # 20, 12: widths not a multiple of 8
+def test_kernel_equals_the_looped_path(hidden, inter):
+    import glm_ray.experts.local as local
+
+    g = torch.Generator().manual_seed(hidden)
+    w13 = torch.randn(7, 2 * inter, hidden, generator=g) / hidden ** 0.5
+    w2 = torch.randn(7, hidden, inter, generator=g) / inter ** 0.5
+    # idle experts, 1..3 rows (partial register tiles), and more rows than one work item (64)
+    counts = torch.tensor([5, 0, 1, 70, 3, 0, 130])
+    x = torch.randn(int(counts.sum()), hidden, generator=g)
+    torch.testing.assert_close(swiglu_kernel.swiglu(x, counts, w13, w2), local._looped_experts(x, counts, w13, w2),
+                               rtol=1e-5, atol=1e-5)
+
+
+@needs_kernel
+def test_kernel_silu_holds_at_extreme_gate_values():
+    """Gates from -1e4 to 1e4 (exp over- and underflow ranges) give what torch's silu gives."""
+    import glm_ray.experts.local as local
+
+    hidden, inter = 8, 64
+    w13 = torch.zeros(1, 2 * inter, hidden)
+    w13[0, :inter, 0] = torch.cat([torch.linspace(-1e4, 1e4, inter - 4), torch.tensor([0.0, -87.5, 88.5, -88.5])])
+    w13[0, inter:, 1] = 1.0  # up = x[1]
+    w2 = torch.randn(1, hidden, inter, generator=torch.Generator().manual_seed(0))
+    x = torch.tensor([[1.0, 2.0] + [0.0] * (hidden - 2), [-0.5, 1.0] + [0.0] * (hidden - 2)])
+    counts = torch.tensor([2])
+    got = swiglu_kernel.swiglu(x, counts, w13, w2)
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got, local._looped_experts(x, counts, w13, w2), rtol=1e-5, atol=1e-3)
+
+
+@needs_kernel
+def test_decode_sizes_take_the_kernel_when_usable():
+    import glm_ray.experts.local as local
+
+    assert local._experts_path(torch.full((32,), 8), kernel=True) is swiglu_kernel.swiglu
+    assert local._experts_path(torch.full((32,), 300), kernel=True) is not swiglu_kernel.swiglu  # prefill
+    w13, w2 = random_experts()
+    assert swiglu_kernel.usable(torch.randn(3, H), w13, w2)
+    assert not swiglu_kernel.usable(torch.randn(3, H).bfloat16(), *random_experts(dtype=torch.bfloat16))
+    assert not swiglu_kernel.usable(torch.randn(3, H), w13.transpose(1, 2).contiguous().transpose(1, 2), w2)
+
+
+@needs_kernel
+def test_kernel_runs_on_torchs_openmp_runtime():
+    """One libgomp in the process: the kernel's threads are torch's, not a second spinning pool."""
+    swiglu_kernel.load()
+    with open("/proc/self/maps") as maps:
+        gomp = {line.split()[-1] for line in maps if "libgomp" in line}
+    assert len(gomp) == 1, gomp
+
+
+@needs_kernel
+def test_kernel_build_is_cached_per_source(tmp_path, monkeypatch):
+    monkeypatch.setenv("GLM_RAY_CACHE", str(tmp_path))
+    first = swiglu_kernel.build()
+    assert first.parent == tmp_path / "kernels" and first.exists()
+    stamp = first.stat().st_mtime_ns
+    assert swiglu_kernel.build() == first and first.stat().st_mtime_ns == stamp  # not rebuilt
+    assert [p.name for p in first.parent.iterdir()] == [first.name]  # no temporaries left behind
+
+
+def test_kernel_can_be_switched_off(monkeypatch):
+    monkeypatch.setenv("GLM_RAY_CPU_KERNEL", "0")
+    assert swiglu_kernel.unavailable_reason() == "GLM_RAY_CPU_KERNEL=0"
