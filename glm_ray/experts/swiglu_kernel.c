@@ -186,12 +186,6 @@ static void expert_rows(const float *x, const float *w13, const float *w2, float
     matmul_nt(act, rows, inter, w2 + e * hidden * inter, hidden, inter, y + r0 * hidden, hidden);
 }
 
-int glm_ray_swiglu_supported(void)
-{
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-}
-
 /* x [P, H] with rows sorted by expert, counts [E] rows per expert (sum = P), w13 [E, 2I, H],
  * w2 [E, H, I], y [P, H]; all fp32 and contiguous. Returns 0, or -1 when scratch memory ran out. */
 int glm_ray_swiglu(const float *x, const int64_t *counts, int64_t experts, const float *w13, const float *w2,
