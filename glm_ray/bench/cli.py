@@ -13,7 +13,7 @@ from pathlib import Path
 from glm_ray.bench import stats
 from glm_ray.cli import _positive_int, number_in
 from glm_ray.bench.isolate import run_in_child
-from glm_ray.bench.report import compare, format_table, load_average, new_report
+from glm_ray.bench.report import compare, format_table, load_average, mean_ratio, new_report
 from glm_ray.bench.workloads import SPECS, make_workload
 
 DEFAULT_PRESET = "small"
@@ -99,8 +99,10 @@ def bench_workload(name: str, model_dir: Path, vocab_size: int, args) -> dict:
     workload = make_workload(name, vocab_size, args.seed, args.num_requests, args.scale)
     _log(f"workload {name}: {workload.num_requests} requests, {workload.num_output_tokens} output tokens")
     progress = sys.stderr.isatty()
-    runs = {"engine": [], "hf": []}
+    runs = {"engine": [], "hf": [], "distributed": []}
     tokens = {}
+    if args.distributed:
+        from glm_ray.bench.distributed import run_distributed
     for i in range(args.repeat):
         _log(f"  engine ({i + 1}/{args.repeat}) ...")
         run = run_in_child(run_engine, model_dir, workload, args.dtype, progress, args.kv_cache_mib << 20,
@@ -112,16 +114,18 @@ def bench_workload(name: str, model_dir: Path, vocab_size: int, args) -> dict:
             run = run_in_child(run_hf, model_dir, workload, args.dtype, progress, num_threads=args.threads)
             runs["hf"].append(stats.summarize_run(run))
             tokens["hf"] = run["token_ids"]
+        if args.distributed:
+            _log(f"  distributed app (G={args.expert_groups}, N=1) on a local Ray cluster ({i + 1}/{args.repeat}) ...")
+            run = run_in_child(run_distributed, model_dir, workload, args.dtype, args.expert_groups, 1)
+            runs["distributed"].append({**stats.summarize_run(run), "breakdown": run["breakdown"]})
+            tokens["distributed"] = run["token_ids"]
     entry = {"workload": workload.summary(), "engine": _best(runs["engine"])}
     if args.distributed:
-        from glm_ray.bench.distributed import run_distributed
-
-        _log(f"  distributed app (G={args.expert_groups}, N=1) on a local Ray cluster ...")
-        run = run_in_child(run_distributed, model_dir, workload, args.dtype, args.expert_groups, 1)
-        entry["distributed"] = {**stats.summarize_run(run), "breakdown": run["breakdown"]}
+        entry["distributed"] = _best(runs["distributed"])
         entry["distributed_vs_engine"] = (entry["distributed"]["output_tokens_per_s"]
                                           / entry["engine"]["output_tokens_per_s"])
-        entry["distributed_agreement"] = stats.token_agreement(run["token_ids"], tokens["engine"])
+        entry["distributed_vs_engine_mean"] = mean_ratio(entry["distributed"], entry["engine"])
+        entry["distributed_agreement"] = stats.token_agreement(tokens["distributed"], tokens["engine"])
     if not args.no_baseline:
         entry["hf"] = _best(runs["hf"])
         entry["speedup"] = compare(entry["engine"], entry["hf"], name)
@@ -189,6 +193,10 @@ def run_bench(args) -> int:
                   f"{b['step_ms']:.1f} ms: attention {b['attention_compute_ms']:.1f}, dispatch wait "
                   f"{b['dispatch_wait_ms']:.1f}, serialisation {b['serialisation_ms']:.1f}, expert compute "
                   f"{b['expert_compute_ms']:.1f} (summed over groups)")
+            if entry.get("distributed_vs_engine_mean") is not None:
+                each = ", ".join(f"{t:.1f}" for t in d["repeats_output_tokens_per_s"])
+                print(f"  distributed runs {each} tok/s; mean run vs mean run: "
+                      f"{entry['distributed_vs_engine_mean']:.2f}x in-process")
             if "breakdown" in entry["engine"]:
                 e = entry["engine"]["breakdown"]
                 print(f"workload {name} in-process per step {e['step_ms']:.1f} ms: attention and rest "

@@ -72,6 +72,16 @@ def machine_facts() -> dict:
     }
 
 
+def mean_ratio(system: dict, baseline: dict) -> float | None:
+    """With --repeat, mean run over mean run (on a noisy machine best-vs-best can swing either
+    way); None unless both systems ran more than once."""
+    runs = system.get("repeats_output_tokens_per_s", []), baseline.get("repeats_output_tokens_per_s", [])
+    if not all(len(r) > 1 for r in runs):
+        return None
+    means = [sum(r) / len(r) for r in runs]
+    return means[0] / means[1] if means[1] else None
+
+
 def compare(engine: dict, baseline: dict | None, workload: str) -> dict | None:
     """Ratios engine/baseline (throughput) and baseline/engine (latencies): above 1 favours the engine."""
     if baseline is None:
@@ -82,12 +92,9 @@ def compare(engine: dict, baseline: dict | None, workload: str) -> dict | None:
 
     speedup = ratio(engine["output_tokens_per_s"], baseline["output_tokens_per_s"])
     target = TARGET_SPEEDUP.get(workload)
-    # with --repeat, the ratio of the mean runs too: on a noisy machine best-vs-best can swing either way
-    runs = engine.get("repeats_output_tokens_per_s", []), baseline.get("repeats_output_tokens_per_s", [])
-    mean = ratio(*(sum(r) / len(r) for r in runs)) if all(len(r) > 1 for r in runs) else None
     return {
         "output_tokens_per_s": speedup,
-        "mean_output_tokens_per_s": mean,
+        "mean_output_tokens_per_s": mean_ratio(engine, baseline),
         "ttft_p50": ratio(baseline["ttft_ms"]["p50"], engine["ttft_ms"]["p50"]),
         "itl_p50": ratio(baseline["itl_ms"]["p50"], engine["itl_ms"]["p50"]),
         "peak_rss": ratio(baseline["peak_rss_mib"], engine["peak_rss_mib"]),

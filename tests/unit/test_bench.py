@@ -7,7 +7,7 @@ import pytest
 
 from glm_ray.bench import add_bench_parser, run_bench
 from glm_ray.bench.flops import run_flops, step_bytes, token_flops
-from glm_ray.bench.report import compare, format_table, new_report
+from glm_ray.bench.report import compare, format_table, mean_ratio, new_report
 from glm_ray.bench.stats import inter_token_gaps, percentile, token_agreement
 from glm_ray.bench.workloads import NUM_SPECIAL_TOKENS, make_workload
 from glm_ray.config import config_from_dict
@@ -114,3 +114,6 @@ def test_repeated_runs_also_compare_their_means():
     assert "mean run vs mean run: 1.10x" in format_table(report)
     # a single run each: no mean ratio
     assert compare(_system(90.0, [90.0]), _system(100.0, [100.0]), "A")["mean_output_tokens_per_s"] is None
+    # the distributed app against the in-process engine uses the same mean ratio
+    assert mean_ratio(_system(200.0, [200.0, 160.0]), _system(400.0, [400.0, 360.0])) == pytest.approx(180.0 / 380.0)
+    assert mean_ratio(_system(200.0, [200.0]), _system(400.0, [400.0, 360.0])) is None
