@@ -33,8 +33,7 @@ from glm_ray.model.default import cache_root
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("swiglu_kernel.c")
-# no FMA contraction of the C code's scalar tails: every copy of a sum must round alike
-FLAGS = ["-O3", "-mavx2", "-mfma", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC"]
+FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC"]
 ENABLE_ENV = "GLM_RAY_CPU_KERNEL"
 
 

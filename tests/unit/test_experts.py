@@ -193,27 +193,6 @@ def test_decode_sizes_take_the_kernel_when_usable():
 
 
 @needs_kernel
-def test_kernel_rows_do_not_depend_on_the_rest_of_the_batch():
-    """Batch invariance: a row's result is bit for bit the same alone, with 1..129 other rows of its
-    expert (full and partial register tiles, several work items) and on 1 or 2 threads."""
-    g = torch.Generator().manual_seed(3)
-    hidden, inter = 40, 24  # 3 weight rows a tile do not divide 2 * 24 or 40: tail tiles everywhere
-    w13 = torch.randn(2, 2 * inter, hidden, generator=g)
-    w2 = torch.randn(2, hidden, inter, generator=g)
-    x = torch.randn(130, hidden, generator=g)
-    alone = torch.cat([swiglu_kernel.swiglu(x[i:i + 1], torch.tensor([0, 1]), w13, w2) for i in range(3)])
-    threads = torch.get_num_threads()
-    try:
-        for n_threads in (1, 2):
-            torch.set_num_threads(n_threads)
-            for rows in (1, 2, 3, 5, 6, 64, 65, 130):
-                batch = swiglu_kernel.swiglu(x[:rows], torch.tensor([0, rows]), w13, w2)
-                assert torch.equal(batch[:min(rows, 3)], alone[:min(rows, 3)]), (n_threads, rows)
-    finally:
-        torch.set_num_threads(threads)
-
-
-@needs_kernel
 def test_kernel_runs_on_torchs_openmp_runtime():
     """One libgomp in the process: the kernel's threads are torch's, not a second spinning pool."""
     swiglu_kernel.load()
