@@ -60,10 +60,9 @@ def unavailable_reason() -> str | None:
 
 
 def _compiler() -> str | None:
-    for name in (os.environ.get("CC"), "cc", "gcc"):
-        if name and shutil.which(name):
-            return shutil.which(name)
-    return None
+    """$CC, else cc, else gcc: the first found on PATH."""
+    found = (shutil.which(name) for name in (os.environ.get("CC"), "cc", "gcc") if name)
+    return next((path for path in found if path), None)
 
 
 def build() -> Path:
