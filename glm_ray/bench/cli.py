@@ -38,6 +38,9 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--distributed", action="store_true",
                    help="also run the disaggregated app (expert groups over gRPC) on a local Ray cluster")
     p.add_argument("--expert-groups", type=_positive_int, default=2, help="G of the --distributed run")
+    p.add_argument("--stream", action="store_true",
+                   help="--distributed: stream every token to the bench as it is made (one Serve message per "
+                        "request and step); default whole requests, as the offline engine run returns them")
     p.add_argument("--no-flops", action="store_true", help="skip the matmul peak and decode-step FLOP/s measurement")
     p.add_argument("--output", default=None, metavar="FILE.json", help="write the full JSON report here")
     p.add_argument("--num-requests", type=_positive_int, default=None,
@@ -116,7 +119,8 @@ def bench_workload(name: str, model_dir: Path, vocab_size: int, args) -> dict:
             tokens["hf"] = run["token_ids"]
         if args.distributed:
             _log(f"  distributed app (G={args.expert_groups}, N=1) on a local Ray cluster ({i + 1}/{args.repeat}) ...")
-            run = run_in_child(run_distributed, model_dir, workload, args.dtype, args.expert_groups, 1)
+            run = run_in_child(run_distributed, model_dir, workload, args.dtype, args.expert_groups, 1,
+                               stream=args.stream)
             runs["distributed"].append({**stats.summarize_run(run), "breakdown": run["breakdown"]})
             tokens["distributed"] = run["token_ids"]
     entry = {"workload": workload.summary(), "engine": _best(runs["engine"])}
@@ -188,7 +192,8 @@ def run_bench(args) -> int:
     for name, entry in report["workloads"].items():
         if "distributed" in entry:
             d, b = entry["distributed"], entry["distributed"]["breakdown"]
-            print(f"workload {name} distributed: {d['output_tokens_per_s']:.1f} tok/s = "
+            how = "streamed token by token" if (d.get("options") or {}).get("streaming") else "whole requests"
+            print(f"workload {name} distributed ({how}): {d['output_tokens_per_s']:.1f} tok/s = "
                   f"{entry['distributed_vs_engine']:.2f}x in-process (target >= 0.7x); per step "
                   f"{b['step_ms']:.1f} ms: attention {b['attention_compute_ms']:.1f}, dispatch wait "
                   f"{b['dispatch_wait_ms']:.1f}, serialisation {b['serialisation_ms']:.1f}, expert compute "

@@ -1,5 +1,6 @@
-"""The disaggregated app under test: a local Ray cluster with Serve, the workload streamed through
-the attention deployment's handle, and a per-step time breakdown from the attention replica.
+"""The disaggregated app under test: a local Ray cluster with Serve, the workload sent through the
+attention deployment's handle (whole requests, or streamed token by token), and a per-step time
+breakdown from the attention replica.
 
 Meant to run in a child process (`isolate.run_in_child`) so the cluster, like every measured
 system, lives and dies with it. All requests arrive at once, as in the offline engine run.
@@ -39,15 +40,19 @@ def _breakdown(stats: dict, num_steps_hint: int | None = None) -> dict:
     }
 
 
-async def _stream_all(handle, workload: Workload, t0: float):
+async def _stream_all(handle, workload: Workload, t0: float, stream: bool = True):
+    """(token times, token ids) per request, all sent at t0. stream=False asks for whole requests
+    and takes the token times the engine recorded (the same host's monotonic clock)."""
     async def one(i, prompt, n):
-        req = {"request_id": f"bench-{i}", "prompt_token_ids": list(prompt),
+        req = {"request_id": f"bench-{i}", "prompt_token_ids": list(prompt), "stream": stream,
                "sampling_params": {"temperature": 0.0, "max_tokens": n, "ignore_eos": True}}
         times, ids = [], []
         async for delta in handle.generate.remote(req):
             now = time.monotonic() - t0
             times += [now] * len(delta["token_ids"])
             ids += delta["token_ids"]
+            if not stream:
+                times = [t - t0 for t in delta["metrics"]["token_times"]]
         return times, ids
 
     return await asyncio.gather(*(one(i, p, n) for i, (p, n) in enumerate(zip(workload.prompts,
@@ -56,10 +61,12 @@ async def _stream_all(handle, workload: Workload, t0: float):
 
 def run_distributed(model_dir: str | Path, workload: Workload, dtype: str = "float32", groups: int = 2,
                     attention_replicas: int = 1, kv_cache_memory: int = 1 << 30,
-                    attention_cpus: float | None = None) -> dict:
+                    attention_cpus: float | None = None, stream: bool = False) -> dict:
     """`attention_cpus`: CPUs reserved by (and torch threads of) the attention replica; default
     every core: with one attention replica it computes while the expert groups wait, and the
-    other way round, so they do not compete for cores."""
+    other way round, so they do not compete for cores. `stream`: every token crosses to the
+    client as it is made (one Serve message per request and step); default whole requests, one
+    message each, as the offline engine run returns them."""
     import ray
     from ray import serve
 
@@ -84,11 +91,11 @@ def run_distributed(model_dir: str | Path, workload: Workload, dtype: str = "flo
         load_time = time.monotonic() - start
 
         warm = warmup_workload(workload_vocab(model_dir))
-        asyncio.run(_stream_all(handle, warm, time.monotonic()))
+        asyncio.run(_stream_all(handle, warm, time.monotonic(), stream))
         attention.dispatch_stats.remote().result()  # reset the counters: time only the run
 
         t0 = time.monotonic()
-        results = asyncio.run(_stream_all(handle, workload, t0))
+        results = asyncio.run(_stream_all(handle, workload, t0, stream))
         wall = time.monotonic() - t0
         stats = attention.dispatch_stats.remote().result()
     finally:
@@ -102,7 +109,7 @@ def run_distributed(model_dir: str | Path, workload: Workload, dtype: str = "flo
         "system": f"distributed (G={groups}, N={attention_replicas})",
         "options": cfg.model_dump(include={"expert_groups", "attention_replicas", "dtype", "kv_cache_memory",
                                            "max_num_seqs", "max_num_batched_tokens", "microbatches",
-                                           "attention_resources", "expert_resources"}),
+                                           "attention_resources", "expert_resources"}) | {"streaming": stream},
         "load_time_s": load_time,
         "wall_time_s": wall,
         "num_requests": len(results),

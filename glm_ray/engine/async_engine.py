@@ -28,7 +28,8 @@ class AsyncLLMEngine:
     def __init__(self, model: str | Path, options: EngineOptions | None = None, experts: ExpertBackend | None = None):
         self.engine = LLMEngine(model, options, experts)
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
-        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        # request id -> (its caller's loop, its queue, deltas held back for a whole-request client)
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue, list | None]] = {}
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._stopped = False
@@ -40,9 +41,11 @@ class AsyncLLMEngine:
         return self.engine.tokenizer
 
     async def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                       prompt: str | None = None) -> AsyncIterator[RequestDelta]:
+                       prompt: str | None = None, whole: bool = False) -> AsyncIterator[RequestDelta]:
         """Stream the request's deltas; the last one has a finish_reason. Invalid requests raise
-        ValueError before anything is streamed. Leaving the iterator early aborts the request."""
+        ValueError before anything is streamed. Leaving the iterator early aborts the request.
+        `whole`: yield one delta, the finished request, for clients that do not stream: the step
+        loop keeps the deltas and hands over only that one (one wake-up instead of one a token)."""
         self.engine.validate(prompt_token_ids, params)
         if self._stopped:
             raise EngineDeadError("the engine is shut down")
@@ -50,7 +53,7 @@ class AsyncLLMEngine:
         with self._lock:
             if request_id in self._streams:
                 raise ValueError(f"request id {request_id!r} is already running")
-            self._streams[request_id] = (asyncio.get_running_loop(), stream)
+            self._streams[request_id] = (asyncio.get_running_loop(), stream, [] if whole else None)
         self._commands.put(("add", request_id, prompt_token_ids, params, prompt))
         self._wake.set()
         finished = False
@@ -94,9 +97,15 @@ class AsyncLLMEngine:
             target = self._streams.get(request_id)
             if target is not None and (not isinstance(item, RequestDelta) or item.finished):
                 self._streams.pop(request_id, None)
-        if target is not None:
-            loop, stream = target
-            loop.call_soon_threadsafe(stream.put_nowait, item)
+        if target is None:
+            return
+        loop, stream, held = target
+        if held is not None and isinstance(item, RequestDelta):  # a whole-request client
+            held.append(item)
+            if not item.finished:
+                return
+            item = RequestDelta.concat(held)
+        loop.call_soon_threadsafe(stream.put_nowait, item)
 
     def _drain_commands(self) -> None:
         while True:

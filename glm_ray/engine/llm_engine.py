@@ -124,6 +124,7 @@ class LLMEngine:
             delta = req.add_token(token, result.logprobs[req.request_id], length_done)
             delta.prompt_logprobs = prompt_lp
             if req.finish_reason is not None:
+                delta.metrics = req.metrics
                 if not length_done:
                     self.scheduler.finish(req.request_id, req.finish_reason)
                 del self.requests[req.request_id]

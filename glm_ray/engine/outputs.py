@@ -57,6 +57,7 @@ class RequestDelta:
     num_prompt_tokens: int
     num_output_tokens: int
     prompt_logprobs: list[TokenLogprobs | None] | None = None  # on the delta that completes the prompt
+    metrics: RequestMetrics | None = None  # on the delta that finishes the request
 
     @property
     def finished(self) -> bool:
@@ -68,4 +69,19 @@ class RequestDelta:
             (self.new_logprobs or []) + (later.new_logprobs or [])
         return RequestDelta(self.request_id, self.new_token_ids + later.new_token_ids, self.new_text + later.new_text,
                             logprobs, later.finish_reason, later.stop_reason, later.num_prompt_tokens,
-                            later.num_output_tokens, self.prompt_logprobs or later.prompt_logprobs)
+                            later.num_output_tokens, self.prompt_logprobs or later.prompt_logprobs,
+                            later.metrics or self.metrics)
+
+    @staticmethod
+    def concat(deltas: list[RequestDelta]) -> RequestDelta:
+        """Consecutive deltas of one request as one, in time linear in their total size."""
+        first, last = deltas[0], deltas[-1]
+        token_ids = [t for d in deltas for t in d.new_token_ids]
+        text = "".join(d.new_text for d in deltas)
+        logprobs = None
+        if any(d.new_logprobs is not None for d in deltas):
+            logprobs = [lp for d in deltas for lp in (d.new_logprobs or [])]
+        prompt_logprobs = next((d.prompt_logprobs for d in deltas if d.prompt_logprobs), None)
+        metrics = next((d.metrics for d in reversed(deltas) if d.metrics is not None), None)
+        return RequestDelta(first.request_id, token_ids, text, logprobs, last.finish_reason, last.stop_reason,
+                            last.num_prompt_tokens, last.num_output_tokens, prompt_logprobs, metrics)

@@ -104,12 +104,13 @@ class AttentionReplica:
         self.engine = AsyncLLMEngine(model_dir, EngineOptions(**engine_options), experts=self.counter)
 
     async def generate(self, request: dict):
-        """request: {"prompt_token_ids", "sampling_params": {...}, "request_id"?, "prompt"?}; streams
-        delta dicts. Invalid requests raise ValueError before the first delta."""
+        """request: {"prompt_token_ids", "sampling_params": {...}, "request_id"?, "prompt"?, "stream"?};
+        streams delta dicts, or with "stream": False one, the whole request (one message instead
+        of one a step). Invalid requests raise ValueError before the first delta."""
         params = SamplingParams(**request.get("sampling_params", {}))
         request_id = request.get("request_id") or uuid.uuid4().hex
         async for delta in self.engine.generate(request_id, list(request["prompt_token_ids"]), params,
-                                                request.get("prompt")):
+                                                request.get("prompt"), whole=request.get("stream") is False):
             yield delta_to_dict(delta)
 
     def resident(self) -> dict:

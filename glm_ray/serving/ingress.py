@@ -55,7 +55,7 @@ async def generate(request: Request):
     except (ValueError, TypeError) as e:
         return error_response(400, str(e))
     req = {"prompt_token_ids": ids, "sampling_params": sampling, "prompt": body.get("prompt"),
-           "request_id": body.get("request_id") or uuid.uuid4().hex}
+           "request_id": body.get("request_id") or uuid.uuid4().hex, "stream": bool(body.get("stream"))}
     stream = backend.generate(req)
     if body.get("stream"):
         return StreamingResponse(_ndjson(stream), media_type="application/x-ndjson")

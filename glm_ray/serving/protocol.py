@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from glm_ray.engine.outputs import RequestDelta
+from glm_ray.engine.outputs import RequestDelta, RequestMetrics
 
 
 def logprobs_to_dict(entry) -> dict | None:
@@ -10,6 +10,13 @@ def logprobs_to_dict(entry) -> dict | None:
         return None
     return {str(tid): {"logprob": lp.logprob, "rank": lp.rank, "decoded_token": lp.decoded_token}
             for tid, lp in entry.items()}
+
+
+def metrics_to_dict(m: RequestMetrics) -> dict:
+    """A finished request's timing, in seconds of the serving host's `time.monotonic()`."""
+    return {"arrival_time": m.arrival_time, "first_token_time": m.first_token_time,
+            "finished_time": m.finished_time, "token_times": list(m.token_times),
+            "num_cached_tokens": m.num_cached_tokens}
 
 
 def delta_to_dict(d: RequestDelta) -> dict:
@@ -24,4 +31,5 @@ def delta_to_dict(d: RequestDelta) -> dict:
         "num_output_tokens": d.num_output_tokens,
         "prompt_logprobs": [logprobs_to_dict(e) for e in d.prompt_logprobs] if d.prompt_logprobs is not None
         else None,
+        "metrics": metrics_to_dict(d.metrics) if d.metrics is not None else None,
     }

@@ -189,6 +189,33 @@ def test_a_slow_consumer_gets_the_piled_up_deltas_merged(tiny_model_dir, llm):
         engine.shutdown()
 
 
+def test_a_whole_request_comes_as_one_delta(tiny_model_dir, llm):
+    """whole=True: one delta, the finished request, with the tokens, text and logprobs of LLM's
+    output and the engine's token times (for clients that do not stream)."""
+    engine = AsyncLLMEngine(tiny_model_dir, EngineOptions(dtype="float32"))
+    p = prompt(9, seed=4)["prompt_token_ids"]
+    params = greedy(max_tokens=20, ignore_eos=True, logprobs=2)
+    want = llm.generate({"prompt_token_ids": p}, params)[0].outputs[0]
+
+    async def both():
+        whole = [d async for d in engine.generate("whole", p, params, whole=True)]
+        streamed = [d async for d in engine.generate("streamed", p, params)]
+        return whole, streamed
+
+    try:
+        whole, streamed = asyncio.run(both())
+        assert len(whole) == 1 and len(streamed) > 1
+        d = whole[0]
+        assert d.new_token_ids == list(want.token_ids) and d.new_text == want.text
+        assert [sorted(lp) for lp in d.new_logprobs] == [sorted(lp) for lp in want.logprobs]
+        assert d.finish_reason == "length" and d.num_output_tokens == 20
+        times = d.metrics.token_times
+        assert len(times) == 20 and times == sorted(times) and d.metrics.arrival_time <= times[0]
+        assert streamed[-1].metrics is not None and all(x.metrics is None for x in streamed[:-1])
+    finally:
+        engine.shutdown()
+
+
 def test_interleaved_microbatches_give_the_same_outputs(tiny_model_dir, llm):
     """A step split into 2 or 3 micro-batches run layer by layer in turn: same tokens, same
     prompt logprobs as the whole step, prefills and decodes mixed."""

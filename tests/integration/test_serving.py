@@ -88,8 +88,18 @@ def test_small_preset_distributed_equals_in_process(ray_serve, tmp_path_factory)
         [{"prompt_token_ids": p} for p in batch], SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True))
     deploy(ServeConfig(model=str(model_dir), expert_groups=2, dtype="float32", kv_cache_memory=64 << 20), ray_serve)
     try:
-        got = generate_all(ray_serve, batch, 8)
+        got = generate_all(ray_serve, batch, 8)  # non-streamed: each in one message from the replica
         assert [g["token_ids"] for g in got] == [w.outputs[0].token_ids for w in want]
+        from ray import serve
+
+        handle = serve.get_deployment_handle("AttentionReplica", app_name=APP).options(stream=True)
+        req = {"prompt_token_ids": batch[0], "sampling_params": {"temperature": 0.0, "max_tokens": 8,
+                                                                 "ignore_eos": True}}
+        whole = list(handle.generate.remote({**req, "stream": False}))
+        streamed = list(handle.generate.remote(req))
+        assert len(whole) == 1 and len(streamed) > 1
+        assert whole[0]["token_ids"] == [t for d in streamed for t in d["token_ids"]] == want[0].outputs[0].token_ids
+        assert len(whole[0]["metrics"]["token_times"]) == 8
     finally:
         undeploy()
 

@@ -422,9 +422,11 @@ def test_health_metrics_experts(local, fake, fake_backend, client):
     assert httpx.get(f"{local.url}/health").status_code == 200
     client.completions.create(model=MODEL, prompt="metrics", max_tokens=3, temperature=0,
                               extra_body={"ignore_eos": True})
+    bad = httpx.post(f"{local.url}/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": -1})
+    assert bad.status_code == 400
     text = httpx.get(f"{local.url}/metrics").text
     assert 'glm_ray_requests_total{endpoint="/v1/completions",status="200"}' in text
-    assert 'glm_ray_requests_total{endpoint="/v1/completions",status="400"}' in text or True
+    assert 'glm_ray_requests_total{endpoint="/v1/completions",status="400"}' in text
     for name in ("glm_ray_time_to_first_token_seconds_count", "glm_ray_inter_token_latency_seconds_count",
                  "glm_ray_prompt_tokens_total", "glm_ray_generation_tokens_total", "glm_ray_num_requests_running",
                  "glm_ray_num_requests_waiting", "glm_ray_kv_cache_usage_ratio"):
@@ -452,3 +454,33 @@ def test_client_disconnect_mid_stream_aborts_the_request(local, engine):
 def test_backends_satisfy_the_protocol(engine, fake_backend):
     assert isinstance(LocalBackend(engine, MODEL), Backend)
     assert isinstance(fake_backend, Backend)
+
+
+def _metric(base_url: str, name: str) -> float:
+    for line in httpx.get(f"{base_url}/metrics").text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    raise AssertionError(f"{name} not in /metrics")
+
+
+def test_a_whole_completion_counts_every_token_in_metrics(local, client):
+    """A non-streamed request comes from the engine in one piece; /metrics still sees one TTFT and
+    one inter-token gap per later token, from the engine's own token times."""
+    names = ("glm_ray_time_to_first_token_seconds_count", "glm_ray_inter_token_latency_seconds_count",
+             "glm_ray_generation_tokens_total")
+    before = [_metric(local.url, n) for n in names]
+    got = client.completions.create(model=MODEL, prompt="count me", max_tokens=6, temperature=0,
+                                    extra_body={"ignore_eos": True})
+    assert got.usage.completion_tokens == 6
+    after = [_metric(local.url, n) for n in names]
+    assert [a - b for a, b in zip(after, before)] == [1, 5, 6]
+
+
+def test_whole_and_streamed_requests_reach_the_backend_as_such(fake_backend, fake_client):
+    """Non-streamed requests ask the backend for the output in one piece (no per-token messages
+    between deployments); streamed ones for deltas."""
+    fake_backend.requests.clear()
+    ask(fake_client)
+    list(ask(fake_client, stream=True))
+    fake_client.completions.create(model="fake", prompt="hi", max_tokens=3)
+    assert [r["stream"] for r in fake_backend.requests] == [False, True, False]

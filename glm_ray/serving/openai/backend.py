@@ -4,8 +4,9 @@ The app only speaks plain dicts to a `Backend`, so the same app serves an in-pro
 (`LocalBackend`, for tests and single-process use) or Ray Serve deployments (a backend whose
 `generate` calls an attention replica's streaming handle).
 
-A request is `{"request_id", "prompt_token_ids", "sampling_params": {SamplingParams fields}, "prompt"}`;
-`generate` yields `glm_ray.serving.protocol.delta_to_dict` dicts, the last with a finish_reason, and
+A request is `{"request_id", "prompt_token_ids", "sampling_params": {SamplingParams fields}, "prompt",
+"stream"}`; `generate` yields `glm_ray.serving.protocol.delta_to_dict` dicts, the last with a
+finish_reason (with "stream": False only that one, holding the whole output), and
 raises ValueError for a request the engine rejects (the app answers 400) and any other exception
 when it cannot serve (the app answers 503).
 """
@@ -57,7 +58,7 @@ class LocalBackend:
     async def generate(self, request: dict) -> AsyncIterator[dict]:
         params = SamplingParams(**request["sampling_params"])  # ValueError names the bad field
         async for delta in self.engine.generate(request["request_id"], request["prompt_token_ids"], params,
-                                                request.get("prompt")):
+                                                request.get("prompt"), whole=request.get("stream") is False):
             yield delta_to_dict(delta)
 
     async def health(self) -> tuple[bool, dict]:

@@ -101,18 +101,19 @@ class ChatSetup:
         self.params = sampling_dict(body, max_tokens, logprobs=self.num_top if body.logprobs else None)
 
 
-async def start_chat(body: ChatCompletionRequest, backend, metrics) -> tuple[ChatSetup, str, list]:
+async def start_chat(body: ChatCompletionRequest, backend, metrics, stream: bool = True) -> tuple[ChatSetup, str, list]:
     """Validate, render and start one chat request: (setup, id, streams). Raises OpenAIError
-    before anything is sent when the request is bad or cannot be served."""
+    before anything is sent when the request is bad or cannot be served. stream=False: the
+    backend hands the output over in one piece."""
     arrival = time.monotonic()
     setup = ChatSetup(body, backend)
     chat_id = new_id("chatcmpl")
-    request = make_request(chat_id, setup.prompt_ids, setup.params, setup.prompt)
+    request = make_request(chat_id, setup.prompt_ids, setup.params, setup.prompt, stream=stream)
     return setup, chat_id, await open_streams(backend, [request], metrics, arrival)
 
 
 async def create_chat_completion(body: ChatCompletionRequest, backend, metrics) -> JSONResponse | StreamingResponse:
-    setup, chat_id, streams = await start_chat(body, backend, metrics)
+    setup, chat_id, streams = await start_chat(body, backend, metrics, stream=bool(body.stream))
     head = {"id": chat_id, "object": "chat.completion", "created": int(time.time()), "model": body.model}
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)

@@ -82,7 +82,8 @@ async def create_completion(body: CompletionRequest, backend, metrics) -> JSONRe
     params = sampling_dict(body, max_tokens, logprobs=body.logprobs,
                            prompt_logprobs=body.logprobs if body.echo else None)
     completion_id = new_id("cmpl")
-    requests = [make_request(f"{completion_id}-{i}", ids, params, text) for i, (ids, text) in enumerate(prompts)]
+    requests = [make_request(f"{completion_id}-{i}", ids, params, text, stream=bool(body.stream))
+                for i, (ids, text) in enumerate(prompts)]
     streams = await open_streams(backend, requests, metrics, arrival)
     head = {"id": completion_id, "object": "text_completion", "created": int(time.time()), "model": body.model}
     num_prompt_tokens = sum(len(ids) for ids, _ in prompts)

@@ -38,6 +38,14 @@ class Metrics:
         for _ in range(max(0, num_tokens)):
             self.itl.observe((now - last) / max(1, num_tokens))
 
+    def observe_token_times(self, arrival: float, token_times: list[float]) -> None:
+        """A whole request's token times, on the same clock as `arrival`."""
+        if not token_times:
+            return
+        self.ttft.observe(token_times[0] - arrival)
+        for before, after in zip(token_times, token_times[1:]):
+            self.itl.observe(after - before)
+
     def render(self, stats: dict | None) -> bytes:
         if stats:
             self.running.set(stats.get("running", 0))

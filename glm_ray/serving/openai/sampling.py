@@ -46,9 +46,12 @@ def sampling_dict(body: SamplingFields, max_tokens: int, **extra) -> dict:
     return params
 
 
-def make_request(request_id: str, prompt_token_ids: list[int], params: dict, prompt: str | None) -> dict:
+def make_request(request_id: str, prompt_token_ids: list[int], params: dict, prompt: str | None,
+                 stream: bool = True) -> dict:
+    """stream=False: the backend returns the output in one piece (a client that waits for the
+    whole response needs no per-token messages between deployments)."""
     return {"request_id": request_id, "prompt_token_ids": prompt_token_ids, "sampling_params": params,
-            "prompt": prompt}
+            "prompt": prompt, "stream": stream}
 
 
 def new_id(prefix: str) -> str:

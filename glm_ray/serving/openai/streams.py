@@ -38,7 +38,12 @@ async def _timed(source, first: dict, metrics: Metrics, arrival: float) -> Async
     delta = first
     try:
         while True:
-            if delta["token_ids"]:
+            server = delta.get("metrics")
+            if last is None and server and len(server["token_times"]) == len(delta["token_ids"]) > 1:
+                # a whole (non-streamed) request: its token times are the engine's, not arrivals here
+                metrics.observe_token_times(server["arrival_time"], server["token_times"])
+                metrics.generation_tokens.inc(len(delta["token_ids"]))
+            elif delta["token_ids"]:
                 now = time.monotonic()
                 metrics.observe_tokens(arrival, last, now, len(delta["token_ids"]))
                 metrics.generation_tokens.inc(len(delta["token_ids"]))
