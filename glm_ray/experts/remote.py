@@ -132,7 +132,7 @@ class EventLoopThread:
 
 
 class PendingRemote:
-    def __init__(self, owner: RemoteExperts, future: Future, rows: list[torch.Tensor | None], like: torch.Tensor):
+    def __init__(self, owner: RemoteExperts, future: Future, rows: list[np.ndarray | None], like: torch.Tensor):
         """rows: per group, the token rows it was sent (None: all of them)."""
         self._owner, self._future, self._rows, self._like = owner, future, rows, like
         self._value: torch.Tensor | None = None
@@ -144,7 +144,9 @@ class PendingRemote:
         t0 = time.perf_counter()
         replies: list[bytes] = self._future.result()
         t1 = time.perf_counter()
-        out = torch.zeros(self._like.shape, dtype=torch.float32)  # [T, H]
+        # numpy, not torch: these few small adds run on this thread alone, instead of waking torch's
+        # OpenMP workers (asleep through the wait) on cores the expert groups may still hold
+        out = np.zeros(tuple(self._like.shape), dtype=np.float32)  # [T, H]
         received, compute = 0, 0.0
         for rows, raw in zip(self._rows, replies):
             reply = pb.ForwardReply.FromString(raw)
@@ -154,12 +156,12 @@ class PendingRemote:
                 raise ExpertCallError(f"expert reply is {partial.dtype} {list(partial.shape)}, "
                                       f"expected float32 [{n}, {out.shape[1]}]")
             if rows is None:  # the group got every token
-                out += partial
-            else:  # rows are distinct: gather, add, put back (index_add_ is ~10x slower on CPU)
-                out[rows] += partial
+                out += partial.numpy()
+            else:  # rows are distinct: gather, add, put back
+                out[rows] += partial.numpy()
             received += len(raw)
             compute += reply.compute_s
-        self._value = out.to(device=self._like.device, dtype=self._like.dtype)
+        self._value = torch.from_numpy(out).to(device=self._like.device, dtype=self._like.dtype)
         stats.add(wait_s=t1 - t0, serialize_s=time.perf_counter() - t1, bytes_received=received,
                   server_compute_s=compute)
         return self._value
@@ -228,7 +230,7 @@ class RemoteExperts(ExpertBackend):
                 raise ValueError(f"MoE layer {layer}: {len(g_rows)} tokens for expert group {g} make a "
                                  f"{largest / 2**20:.0f} MiB message, over the {MAX_MESSAGE_BYTES >> 20} MiB gRPC "
                                  "limit; run prefill in smaller chunks")
-            rows.append(None if every else torch.from_numpy(g_rows))
+            rows.append(None if every else g_rows)
             payloads.append((g, payload))
         future = self._loop.submit(self._dispatch(layer, payloads))
         self.stats.add(serialize_s=time.perf_counter() - t0, bytes_sent=sum(len(p) for _, p in payloads))
