@@ -38,6 +38,9 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--distributed", action="store_true",
                    help="also run the disaggregated app (expert groups over gRPC) on a local Ray cluster")
     p.add_argument("--expert-groups", type=_positive_int, default=2, help="G of the --distributed run")
+    p.add_argument("--attention-cpus", type=_positive_int, default=None,
+                   help="--distributed: CPUs reserved by the attention replica, and its torch threads "
+                        "(default: every core)")
     p.add_argument("--stream", action="store_true",
                    help="--distributed: stream every token to the bench as it is made (one Serve message per "
                         "request and step); default whole requests, as the offline engine run returns them")
@@ -120,7 +123,7 @@ def bench_workload(name: str, model_dir: Path, vocab_size: int, args) -> dict:
         if args.distributed:
             _log(f"  distributed app (G={args.expert_groups}, N=1) on a local Ray cluster ({i + 1}/{args.repeat}) ...")
             run = run_in_child(run_distributed, model_dir, workload, args.dtype, args.expert_groups, 1,
-                               stream=args.stream)
+                               attention_cpus=args.attention_cpus, stream=args.stream)
             runs["distributed"].append({**stats.summarize_run(run), "breakdown": run["breakdown"]})
             tokens["distributed"] = run["token_ids"]
     entry = {"workload": workload.summary(), "engine": _best(runs["engine"])}

@@ -1,5 +1,6 @@
 """The disaggregated app on a local Ray cluster: exactness, weight placement, replica failure."""
 
+import asyncio
 import concurrent.futures as cf
 import time
 
@@ -100,6 +101,19 @@ def test_small_preset_distributed_equals_in_process(ray_serve, tmp_path_factory)
         assert len(whole) == 1 and len(streamed) > 1
         assert whole[0]["token_ids"] == [t for d in streamed for t in d["token_ids"]] == want[0].outputs[0].token_ids
         assert len(whole[0]["metrics"]["token_times"]) == 8
+
+        # the bench's client (`glm-ray bench --distributed`): whole requests time tokens by the engine
+        from glm_ray.bench.distributed import _stream_all
+        from glm_ray.bench.workloads import Workload
+
+        workload = Workload("t", "four of the batch", 0, tuple(map(tuple, batch[:4])), (8,) * 4)
+        for stream in (False, True):
+            t0 = time.monotonic()
+            runs = asyncio.run(_stream_all(handle, workload, t0, stream))
+            elapsed = time.monotonic() - t0
+            for (times, ids), w in zip(runs, want):
+                assert ids == w.outputs[0].token_ids
+                assert len(times) == 8 and times == sorted(times) and 0 < times[0] and times[-1] <= elapsed
     finally:
         undeploy()
 
