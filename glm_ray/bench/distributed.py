@@ -48,10 +48,10 @@ async def _stream_all(handle, workload: Workload, t0: float, stream: bool = True
                "sampling_params": {"temperature": 0.0, "max_tokens": n, "ignore_eos": True}}
         times, ids = [], []
         async for delta in handle.generate.remote(req):
-            now = time.monotonic() - t0
-            times += [now] * len(delta["token_ids"])
             ids += delta["token_ids"]
-            if not stream:
+            if stream:
+                times += [time.monotonic() - t0] * len(delta["token_ids"])
+            else:
                 times = [t - t0 for t in delta["metrics"]["token_times"]]
         return times, ids
 

@@ -65,12 +65,7 @@ class RequestDelta:
 
     def then(self, later: RequestDelta) -> RequestDelta:
         """This delta followed by `later` (of the same request), as one."""
-        logprobs = None if self.new_logprobs is None and later.new_logprobs is None else \
-            (self.new_logprobs or []) + (later.new_logprobs or [])
-        return RequestDelta(self.request_id, self.new_token_ids + later.new_token_ids, self.new_text + later.new_text,
-                            logprobs, later.finish_reason, later.stop_reason, later.num_prompt_tokens,
-                            later.num_output_tokens, self.prompt_logprobs or later.prompt_logprobs,
-                            later.metrics or self.metrics)
+        return RequestDelta.concat([self, later])
 
     @staticmethod
     def concat(deltas: list[RequestDelta]) -> RequestDelta:
