@@ -39,8 +39,8 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
                    help="also run the disaggregated app (expert groups over gRPC) on a local Ray cluster")
     p.add_argument("--expert-groups", type=_positive_int, default=2, help="G of the --distributed run")
     p.add_argument("--attention-cpus", type=_positive_int, default=None,
-                   help="--distributed: CPUs reserved by the attention replica, and its torch threads "
-                        "(default: every core)")
+                   help="--distributed: CPUs reserved by the attention replica, and its threads sharing "
+                        "each layer's attention (default: every core)")
     p.add_argument("--stream", action="store_true",
                    help="--distributed: stream every token to the bench as it is made (one Serve message per "
                         "request and step); default whole requests, as the offline engine run returns them")

@@ -62,7 +62,7 @@ async def _stream_all(handle, workload: Workload, t0: float, stream: bool = True
 def run_distributed(model_dir: str | Path, workload: Workload, dtype: str = "float32", groups: int = 2,
                     attention_replicas: int = 1, kv_cache_memory: int = 1 << 30,
                     attention_cpus: float | None = None, stream: bool = False) -> dict:
-    """`attention_cpus`: CPUs reserved by (and torch threads of) the attention replica; default
+    """`attention_cpus`: CPUs reserved by (and attention threads of) the attention replica; default
     every core: with one attention replica it computes while the expert groups wait, and the
     other way round, so they do not compete for cores. `stream`: every token crosses to the
     client as it is made (one Serve message per request and step); default whole requests, one

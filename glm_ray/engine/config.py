@@ -31,6 +31,7 @@ class EngineOptions:
     seed: int = 0  # seeds the generator of unseeded sampling requests
     retain_freed_memory: bool = True  # keep large freed blocks in this process's heap (engine/memory.py)
     microbatches: int = 1  # >1: a step's sequences in groups run interleaved (remote experts overlap)
+    attention_workers: int = 1  # >1: threads sharing each layer's attention calls (engine/attention_workers.py)
 
     @classmethod
     def from_kwargs(cls, **kwargs) -> EngineOptions:
@@ -43,7 +44,8 @@ class EngineOptions:
     def __post_init__(self):
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
-        for name in ("max_num_seqs", "max_num_batched_tokens", "kv_cache_memory", "block_size", "microbatches"):
+        for name in ("max_num_seqs", "max_num_batched_tokens", "kv_cache_memory", "block_size", "microbatches",
+                     "attention_workers"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")

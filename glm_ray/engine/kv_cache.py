@@ -11,11 +11,13 @@ Legend: T step tokens, B decode sequences, N blocks, L = N * block_size, Hq/Hkv 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 
 from glm_ray.config import ModelConfig
+from glm_ray.engine.attention_workers import AttentionWorkers
 from glm_ray.model.attention import causal_attention
 
 
@@ -46,8 +48,9 @@ class StepChunk:
 class PagedAttention:
     """`AttentionBackend` over a PagedKVCache for one step."""
 
-    def __init__(self, cache: PagedKVCache, chunks: list[StepChunk]):
-        self.cache = cache
+    def __init__(self, cache: PagedKVCache, chunks: list[StepChunk], workers: AttentionWorkers | None = None):
+        """workers: threads to share the step's attention calls among (default: this thread)."""
+        self.cache, self.workers = cache, workers
         bs = cache.block_size
         slots = []  # the slot (block * block_size + offset) each new token is written to, as plain ints
         for c in chunks:
@@ -67,17 +70,26 @@ class PagedAttention:
         flat_k, flat_v = k_cache.view(-1, *k_cache.shape[2:]), v_cache.view(-1, *v_cache.shape[2:])
         flat_k[self.slot_mapping] = k
         flat_v[self.slot_mapping] = v
-        out = torch.empty_like(q)
-        for c, blocks in self.prefills:
+
+        def prefill(c: StepChunk, blocks: torch.Tensor | None):
             rows = slice(c.offset, c.offset + c.num_tokens)
             if blocks is None:
                 kc, vc = k[rows], v[rows]
             else:
                 kc = k_cache.index_select(0, blocks).flatten(0, 1)[:c.context_len]  # [Tk, Hkv, D]
                 vc = v_cache.index_select(0, blocks).flatten(0, 1)[:c.context_len]
-            out[rows] = causal_attention(q[rows], kc, vc, scale)
-        for bucket in self.decode_buckets:
-            out[bucket.rows] = bucket.attend(q, k_cache, v_cache, scale)
+            return rows, causal_attention(q[rows], kc, vc, scale)
+
+        def decode(bucket: _DecodeBucket):
+            return bucket.rows, bucket.attend(q, k_cache, v_cache, scale)
+
+        # cost ~ keys read per query, summed: how long the call takes, for sharing among workers
+        calls = [(c.num_tokens * c.context_len, partial(prefill, c, blocks)) for c, blocks in self.prefills]
+        calls += [(len(b.rows) * b.width, partial(decode, b)) for b in self.decode_buckets]
+        results = self.workers.run(calls) if self.workers else [call() for _, call in calls]
+        out = torch.empty_like(q)
+        for rows, part in results:  # rows are disjoint
+            out[rows] = part
         return out
 
 
@@ -88,6 +100,7 @@ class _DecodeBucket:
     def __init__(self, decodes: list[StepChunk], block_size: int, dtype: torch.dtype):
         self.rows = torch.tensor([c.offset for c in decodes], dtype=torch.long)
         width = max(_num_blocks(c.context_len, block_size) for c in decodes)
+        self.width = width * block_size  # L: keys each query reads, padding included
         table = []  # [B * N], each row padded with block 0
         for c in decodes:
             n = _num_blocks(c.context_len, block_size)

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from glm_ray.config import load_model_config
+from glm_ray.engine.attention_workers import AttentionWorkers, share_projections
 from glm_ray.engine.config import EngineLimits, EngineOptions
 from glm_ray.engine.kv_cache import PagedKVCache, kv_bytes_per_token
 from glm_ray.engine.memory import retain_freed_memory
@@ -45,7 +46,11 @@ class LLMEngine:
             o.enable_prefix_caching, o.long_prefill_token_threshold))
         self.cache = PagedKVCache(self.model_config, self.limits.num_kv_blocks, o.block_size, self.dtype)
         sampler = Sampler(self.model_config.eos_token_ids, torch.Generator().manual_seed(o.seed))
-        self.runner = ModelRunner(self.model, self.experts, self.cache, sampler, o.microbatches)
+        workers = None
+        if o.attention_workers > 1:
+            workers = AttentionWorkers(o.attention_workers)
+            share_projections(self.model, workers)
+        self.runner = ModelRunner(self.model, self.experts, self.cache, sampler, o.microbatches, workers)
         self.requests: dict[str, Request] = {}
         self.step_stats = {"steps": 0, "step_s": 0.0, "batched_tokens": 0}  # cumulative, for benchmarks
 

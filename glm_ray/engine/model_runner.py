@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
+from glm_ray.engine.attention_workers import AttentionWorkers
 from glm_ray.engine.kv_cache import PagedAttention, PagedKVCache, StepChunk
 from glm_ray.engine.sampler import Logprob, Sampler
 from glm_ray.engine.scheduler import ScheduledChunk
@@ -29,9 +30,9 @@ class ModelRunner:
     group's attention then overlaps another's expert round trip."""
 
     def __init__(self, model: Glm4MoeModel, experts: ExpertBackend, cache: PagedKVCache, sampler: Sampler,
-                 microbatches: int = 1):
+                 microbatches: int = 1, workers: AttentionWorkers | None = None):
         self.model, self.experts, self.cache, self.sampler = model, experts, cache, sampler
-        self.microbatches = microbatches
+        self.microbatches, self.workers = microbatches, workers
 
     @torch.inference_mode()
     def run(self, chunks: list[ScheduledChunk], requests: dict) -> StepResult:
@@ -70,7 +71,7 @@ class ModelRunner:
                 local.append(StepChunk(offset, sc.num_tokens, sc.context_len, sc.blocks))
                 offset += sc.num_tokens
             batches.append((torch.tensor(ids, dtype=torch.long), torch.tensor(positions, dtype=torch.long),
-                            PagedAttention(self.cache, local)))
+                            PagedAttention(self.cache, local, self.workers)))
         if len(batches) == 1:
             return self.model(*batches[0], self.experts)
         return torch.cat(self.model.forward_interleaved(batches, self.experts))

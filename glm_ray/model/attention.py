@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from glm_ray.config import ModelConfig
-from glm_ray.model.layers import RMSNorm, RotaryEmbedding
+from glm_ray.model.layers import Linear, RMSNorm, RotaryEmbedding
 
 
 class AttentionBackend(Protocol):
@@ -49,8 +49,8 @@ class Attention(nn.Module):
         self.head_dim = config.head_dim
         self.q_size, self.kv_size = config.q_size, config.kv_size
         self.scale = self.head_dim**-0.5
-        self.qkv_proj = nn.Linear(config.hidden_size, self.q_size + 2 * self.kv_size, bias=config.attention_bias)
-        self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=False)
+        self.qkv_proj = Linear(config.hidden_size, self.q_size + 2 * self.kv_size, bias=config.attention_bias)
+        self.o_proj = Linear(self.q_size, config.hidden_size, bias=False)
         self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if config.use_qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if config.use_qk_norm else None
 

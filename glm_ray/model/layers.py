@@ -49,14 +49,26 @@ class RotaryEmbedding(nn.Module):
         return torch.cat((x_rot, x_pass), dim=-1)
 
 
+class Linear(nn.Linear):
+    """nn.Linear whose rows (tokens) an engine may share among threads by setting `workers`
+    (engine/attention_workers.py); every row comes out bit-identical either way."""
+
+    workers = None  # an AttentionWorkers, or None: this thread alone
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.workers is not None:
+            return self.workers.linear(x, self.weight, self.bias)
+        return F.linear(x, self.weight, self.bias)
+
+
 class SwiGLU(nn.Module):
     """down(silu(gate(x)) * up(x)) with gate and up fused into one [2I, H] weight."""
 
     def __init__(self, hidden_size: int, intermediate_size: int):
         super().__init__()
         self.intermediate_size = intermediate_size
-        self.gate_up_proj = nn.Linear(hidden_size, 2 * intermediate_size, bias=False)
-        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+        self.gate_up_proj = Linear(hidden_size, 2 * intermediate_size, bias=False)
+        self.down_proj = Linear(intermediate_size, hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)  # [T, I] each

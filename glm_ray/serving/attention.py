@@ -94,14 +94,18 @@ class RouterSnapshots:
 class AttentionReplica:
     def __init__(self, model_dir: str, engine_options: dict, placement: dict, router,
                  refresh_s: float = 1.0, expert_wait_s: float = 10.0, num_threads: int = 1):
-        torch.set_num_threads(num_threads)
+        """num_threads: threads sharing each layer's attention calls and projection rows; torch itself
+        runs one, as its OpenMP team would sleep through every expert wait and wake at each small op
+        (engine/attention_workers.py)."""
+        torch.set_num_threads(1)
         table = Placement.from_dict(placement)
         self.snapshots = RouterSnapshots(router, refresh_s)
         self.experts = RemoteExperts(table, self.snapshots, policy=PowerOfTwoChoices(),
                                      unavailable_wait_s=expert_wait_s)
         self.counter = RoutingCounter(self.experts, table.num_experts)
         self.snapshots.report = self.counter.take_counts
-        self.engine = AsyncLLMEngine(model_dir, EngineOptions(**engine_options), experts=self.counter)
+        self.engine = AsyncLLMEngine(model_dir, EngineOptions(**{**engine_options, "attention_workers": num_threads}),
+                                     experts=self.counter)
 
     async def generate(self, request: dict):
         """request: {"prompt_token_ids", "sampling_params": {...}, "request_id"?, "prompt"?, "stream"?};

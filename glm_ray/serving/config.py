@@ -61,8 +61,10 @@ class ServeConfig(BaseModel):
     snapshot_refresh_s: float = Field(1.0, gt=0, description="how often attention replicas refresh the table")
     expert_wait_s: float = Field(10.0, gt=0, description="how long a step waits for a missing expert group")
 
-    torch_threads: int | None = Field(None, ge=1, description="torch threads per attention/expert replica; "
-                                      "default its whole reserved CPUs, at least 1 (oversubscribed cores thrash)")
+    torch_threads: int | None = Field(None, ge=1, description="threads per attention/expert replica, default its "
+                                      "whole reserved CPUs, at least 1 (oversubscribed cores thrash): an expert "
+                                      "group's torch threads; an attention replica's threads sharing each layer's "
+                                      "attention calls (its torch runs one)")
 
     attention_resources: Resources = Field(default_factory=Resources)
     expert_resources: Resources = Field(default_factory=Resources)

@@ -230,3 +230,21 @@ def test_interleaved_microbatches_give_the_same_outputs(tiny_model_dir, llm):
             for a, b in zip(g.prompt_logprobs[1:], w.prompt_logprobs[1:]):
                 for t in b:
                     assert abs(a[t].logprob - b[t].logprob) < 1e-4
+
+
+def test_attention_workers_give_the_same_outputs(tiny_model_dir, llm):
+    """36 sequences (two decode buckets once they all decode, prefills mixed in at first) with
+    each layer's attention calls shared among 2 threads: the same tokens and bit-identical
+    logprobs as one thread."""
+    prompts = [{"prompt_token_ids": prompt(n, seed=n)["prompt_token_ids"]} for n in range(3, 39)]
+    params = greedy(max_tokens=6, ignore_eos=True, logprobs=2, prompt_logprobs=1)
+    want = llm.generate(prompts, params)
+    got = LLM(tiny_model_dir, dtype="float32", attention_workers=2).generate(prompts, params)
+    for g, w in zip(got, want):
+        assert g.outputs[0].token_ids == w.outputs[0].token_ids
+        assert g.outputs[0].logprobs == w.outputs[0].logprobs and g.prompt_logprobs == w.prompt_logprobs
+
+
+def test_attention_workers_must_be_positive(tiny_model_dir):
+    with pytest.raises(ValueError, match="attention_workers must be an integer >= 1, got 0"):
+        LLM(tiny_model_dir, attention_workers=0)

@@ -58,3 +58,33 @@ def test_buckets_are_length_sorted_runs_of_similar_size():
     assert sum(len(p) for p in parts) == 100 and max(map(len, parts)) - min(map(len, parts)) <= 1
     assert all(a[-1].context_len <= b[0].context_len for a, b in zip(parts, parts[1:]))
     assert len(_split(chunks[:10])) == 1 and _split([]) == []
+
+
+def test_attention_workers_give_bitwise_the_same_step():
+    """The same mixed step (two decode buckets, a fresh and a continued prompt) shared among 2 or
+    3 threads: every row is bit-identical to the one-thread result, and helpers did run calls."""
+    import threading
+
+    from glm_ray.engine.attention_workers import AttentionWorkers
+
+    rng = random.Random(1)
+    g = torch.Generator().manual_seed(1)
+    cache = PagedKVCache(_config(), num_blocks=2000, block_size=BS, dtype=torch.float32)
+    for t in cache.k + cache.v:
+        t.normal_(generator=g)
+    free = list(range(1, 2000))
+    rng.shuffle(free)
+    chunks, offset = [], 0
+    for context_len, n in [(rng.randint(1, 90), 1) for _ in range(40)] + [(13, 13), (25, 15), (60, 7)]:
+        chunks.append(StepChunk(offset, n, context_len, [free.pop() for _ in range(-(-context_len // BS))]))
+        offset += n
+    q, k, v = (torch.randn(offset, h, D, generator=g) for h in (HQ, HKV, HKV))
+    want = PagedAttention(cache, chunks).attend(0, q, k, v, scale=D**-0.5)
+    for n in (2, 3):
+        workers = AttentionWorkers(n)
+        try:
+            got = PagedAttention(cache, chunks, workers).attend(0, q, k, v, scale=D**-0.5)
+            assert any(t.name.startswith("glm-ray-attention") for t in threading.enumerate())
+        finally:
+            workers.close()
+        assert torch.equal(got, want)
