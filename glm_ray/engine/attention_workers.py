@@ -22,7 +22,8 @@ from glm_ray.model.layers import Linear
 
 T = TypeVar("T")
 
-# a projection of fewer rows stays on the engine thread: waking a helper costs more than half of it
+# fewer rows stay on the engine thread: a helper's wake-up (tens of µs, more on a busy core) would
+# eat most of what sharing them saves
 MIN_SPLIT_ROWS = 64
 
 
