@@ -82,10 +82,7 @@ class AttentionWorkers:
                 torch.addmm(bias, x[a:b], w_t, out=out[a:b])
 
         bounds = [round(i * m / self.n) for i in range(self.n + 1)]
-        futures = [self._pool.submit(_run, [partial(rows, a, b)]) for a, b in zip(bounds[1:-1], bounds[2:])]
-        rows(bounds[0], bounds[1])
-        for future in futures:
-            future.result()
+        self.run([(b - a, partial(rows, a, b)) for a, b in zip(bounds, bounds[1:])])  # one run per thread
         return out
 
 
