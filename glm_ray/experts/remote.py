@@ -1,8 +1,9 @@
 """Routed experts over gRPC: one Forward per destination group per MoE layer (design.md, "The hot path").
 
 `submit` splits the (token, expert) pairs by group on the caller's thread, sends every group its
-tokens concurrently from a dedicated event-loop thread, and `result()` scatter-adds the groups'
-fp32 partial sums and casts once. A failed call moves to another replica of the group; with none
+tokens concurrently from a dedicated event-loop thread, each on the long-lived stream to the
+replica chosen (experts/stream.py), and `result()` scatter-adds the groups' fp32 partial sums and
+casts once. A failed call moves to another replica of the group; with none
 left the caller's registry is asked to refresh and we wait a bounded time, then raise
 ExpertUnavailableError. Legend: T tokens, K top-k, H hidden, T_g tokens sent to group g.
 """
@@ -25,7 +26,7 @@ import torch
 
 from glm_ray.experts.backend import ExpertBackend
 from glm_ray.experts.policy import LeastOutstanding, ReplicaPolicy
-from glm_ray.experts.server import FORWARD_METHOD
+from glm_ray.experts.stream import CallFailed, ReplicaStream
 from glm_ray.experts.wire import GRPC_OPTIONS, MAX_MESSAGE_BYTES, array_to_proto, dtype_name, tensor_from_proto
 from glm_ray.router.placement import Placement
 from glm_ray.v1 import experts_pb2 as pb
@@ -132,9 +133,11 @@ class EventLoopThread:
 
 
 class PendingRemote:
-    def __init__(self, owner: RemoteExperts, future: Future, rows: list[np.ndarray | None], like: torch.Tensor):
+    def __init__(self, owner: RemoteExperts, future: Future, rows: list[np.ndarray | None], like: torch.Tensor,
+                 request_id: int):
         """rows: per group, the token rows it was sent (None: all of them)."""
         self._owner, self._future, self._rows, self._like = owner, future, rows, like
+        self._request_id = request_id
         self._value: torch.Tensor | None = None
 
     def result(self) -> torch.Tensor:
@@ -142,14 +145,15 @@ class PendingRemote:
             return self._value
         stats = self._owner.stats
         t0 = time.perf_counter()
-        replies: list[bytes] = self._future.result()
+        replies: list[pb.ForwardReply] = self._future.result()
         t1 = time.perf_counter()
         # numpy, not torch: these few small adds run on this thread alone, instead of waking torch's
         # OpenMP workers (asleep through the wait) on cores the expert groups may still hold
         out = np.zeros(tuple(self._like.shape), dtype=np.float32)  # [T, H]
         received, compute = 0, 0.0
-        for rows, raw in zip(self._rows, replies):
-            reply = pb.ForwardReply.FromString(raw)
+        for rows, reply in zip(self._rows, replies):
+            if reply.request_id != self._request_id:
+                raise ExpertCallError(f"expert reply for request {reply.request_id}, expected {self._request_id}")
             partial = tensor_from_proto(reply.partial, what="ForwardReply.partial")  # [T_g, H] fp32
             n = out.shape[0] if rows is None else len(rows)
             if partial.dtype != torch.float32 or partial.shape != (n, out.shape[1]):
@@ -159,7 +163,7 @@ class PendingRemote:
                 out += partial.numpy()
             else:  # rows are distinct: gather, add, put back
                 out[rows] += partial.numpy()
-            received += len(raw)
+            received += reply.ByteSize()
             compute += reply.compute_s
         self._value = torch.from_numpy(out).to(device=self._like.device, dtype=self._like.dtype)
         stats.add(wait_s=t1 - t0, serialize_s=time.perf_counter() - t1, bytes_received=received,
@@ -194,7 +198,8 @@ class RemoteExperts(ExpertBackend):
         self._request_ids = itertools.count(1)
         self._closed = False
         # loop-thread state only
-        self._channels: dict[str, tuple[grpc.aio.Channel, grpc.aio.UnaryUnaryMultiCallable]] = {}
+        self._channels: dict[str, grpc.aio.Channel] = {}
+        self._streams: dict[str, ReplicaStream] = {}
         self._outstanding: dict[str, int] = defaultdict(int)
         self._suspect_until: dict[str, float] = {}
         self._refreshing: asyncio.Future | None = None
@@ -234,7 +239,7 @@ class RemoteExperts(ExpertBackend):
             payloads.append((g, payload))
         future = self._loop.submit(self._dispatch(layer, payloads))
         self.stats.add(serialize_s=time.perf_counter() - t0, bytes_sent=sum(len(p) for _, p in payloads))
-        return PendingRemote(self, future, rows, hidden_states)
+        return PendingRemote(self, future, rows, hidden_states, request_id)
 
     def close(self) -> None:
         """Close every channel and, if owned, the event-loop thread."""
@@ -243,7 +248,10 @@ class RemoteExperts(ExpertBackend):
         self._closed = True
 
         async def _close():
-            for channel, _ in self._channels.values():
+            for stream in self._streams.values():
+                stream.close()
+            self._streams.clear()
+            for channel in self._channels.values():
                 await channel.close()
             self._channels.clear()
         self._loop.run(_close(), timeout=10)
@@ -258,10 +266,10 @@ class RemoteExperts(ExpertBackend):
 
     # -- on the event-loop thread --------------------------------------------------------------
 
-    async def _dispatch(self, layer: int, payloads: list[tuple[int, bytes]]) -> list[bytes]:
+    async def _dispatch(self, layer: int, payloads: list[tuple[int, bytes]]) -> list[pb.ForwardReply]:
         return list(await asyncio.gather(*(self._call_group(g, layer, p) for g, p in payloads)))
 
-    async def _call_group(self, group: int, layer: int, payload: bytes) -> bytes:
+    async def _call_group(self, group: int, layer: int, payload: bytes) -> pb.ForwardReply:
         tried: set[str] = set()
         deadline: float | None = None  # set once no replica is left to try
         last_error = "no replica registered for this group"
@@ -280,11 +288,11 @@ class RemoteExperts(ExpertBackend):
             tried.add(address)
             try:
                 return await self._call(address, payload)
-            except grpc.aio.AioRpcError as e:
-                if e.code() not in RETRY_CODES:
+            except CallFailed as e:
+                if e.code not in RETRY_CODES:
                     raise ExpertCallError(f"expert group {group} replica {address} rejected MoE layer {layer}: "
-                                          f"{e.code().name}: {e.details()}") from None
-                last_error = f"{address}: {e.code().name}: {e.details()}"
+                                          f"{e.code.name}: {e.details}") from None
+                last_error = f"{address}: {e.code.name}: {e.details}"
                 log.warning("expert group %d, layer %d: %s; trying another replica", group, layer, last_error)
                 self._suspect_until[address] = time.monotonic() + self.suspect_s
                 self._refresh_soon()
@@ -297,16 +305,17 @@ class RemoteExperts(ExpertBackend):
         return (self.policy.choose(replicas, self._outstanding, tried | suspect)
                 or self.policy.choose(replicas, self._outstanding, tried))
 
-    async def _call(self, address: str, payload: bytes) -> bytes:
-        if address not in self._channels:
-            channel = grpc.aio.insecure_channel(address, options=GRPC_OPTIONS)
-            # bytes in and out: requests were encoded on the caller's thread, replies are decoded there
-            self._channels[address] = (channel, channel.unary_unary(FORWARD_METHOD))
-        forward = self._channels[address][1]
+    async def _call(self, address: str, payload: bytes) -> pb.ForwardReply:
+        stream = self._streams.get(address)
+        if stream is None or stream.failure is not None:
+            if address not in self._channels:
+                self._channels[address] = grpc.aio.insecure_channel(address, options=GRPC_OPTIONS)
+            # requests go as bytes, encoded on the caller's thread
+            stream = self._streams[address] = ReplicaStream(self._channels[address])
         self._outstanding[address] += 1
         start = time.perf_counter()
         try:
-            return await forward(payload, timeout=self.call_timeout_s)
+            return await stream.forward(payload, self.call_timeout_s)
         finally:
             self._outstanding[address] -= 1
             self.stats.add(calls=1, rpc_s=time.perf_counter() - start)

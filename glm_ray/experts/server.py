@@ -1,9 +1,10 @@
 """One expert-group replica's gRPC `ExpertService` (protos/glm_ray/v1/experts.proto).
 
-Forward takes and returns raw message bytes: parsing, the grouped SwiGLU and encoding the reply
-all run on one worker thread, so the grpc.aio loop only moves bytes and stays responsive (Ping,
-Info, other calls) during a long prefill. Bad requests are INVALID_ARGUMENT with a message
-naming the field; a stale placement is FAILED_PRECONDITION.
+Forward and ForwardStream take and return raw message bytes: parsing, the grouped SwiGLU and
+encoding the reply all run on one worker thread, so the grpc.aio loop only moves bytes and stays
+responsive (Ping, Info, other calls) during a long prefill. Bad requests are INVALID_ARGUMENT with a
+message naming the field; a stale placement is FAILED_PRECONDITION: a unary Forward fails with that
+status, a ForwardStream message gets a reply carrying it (`error_code`, `error`) and the stream goes on.
 Legend: T_g tokens sent to this group, K top-k, H hidden, E_g experts held.
 """
 
@@ -23,6 +24,7 @@ from glm_ray.v1 import experts_pb2 as pb
 
 SERVICE = pb.DESCRIPTOR.services_by_name["ExpertService"].full_name  # "glm_ray.v1.ExpertService"
 FORWARD_METHOD = f"/{SERVICE}/Forward"
+FORWARD_STREAM_METHOD = f"/{SERVICE}/ForwardStream"
 _ID_DTYPES = (torch.int16, torch.int32, torch.int64)
 
 
@@ -111,22 +113,34 @@ class ExpertServer:
 
     # -- gRPC ----------------------------------------------------------------------------------
 
-    async def _forward(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+    async def _serve_one(self, request: bytes) -> tuple[bytes | None, grpc.StatusCode, str]:
+        """(reply bytes, OK, "") or (None, status, message)."""
         self.in_flight += 1
         try:
             reply = await asyncio.get_running_loop().run_in_executor(self._executor, self.forward_bytes, request)
         except BadRequest as e:
-            status, message = grpc.StatusCode.INVALID_ARGUMENT, str(e)
+            return None, grpc.StatusCode.INVALID_ARGUMENT, str(e)
         except StalePlacement as e:
-            status, message = grpc.StatusCode.FAILED_PRECONDITION, str(e)
+            return None, grpc.StatusCode.FAILED_PRECONDITION, str(e)
         except Exception as e:  # noqa: BLE001 - reported to the caller, who retries elsewhere
-            status, message = grpc.StatusCode.INTERNAL, f"expert group {self.group}: {type(e).__name__}: {e}"
-        else:
-            return reply
+            return None, grpc.StatusCode.INTERNAL, f"expert group {self.group}: {type(e).__name__}: {e}"
         finally:
             self.in_flight -= 1
             self.num_calls += 1
-        await context.abort(status, message)
+        return reply, grpc.StatusCode.OK, ""
+
+    async def _forward(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        reply, status, message = await self._serve_one(request)
+        if reply is None:
+            await context.abort(status, message)
+        return reply
+
+    async def _forward_stream(self, requests, context: grpc.aio.ServicerContext):
+        """One reply per request, in order (the caller matches them by position)."""
+        async for request in requests:
+            reply, status, message = await self._serve_one(request)
+            yield reply if reply is not None else pb.ForwardReply(error_code=status.value[0],
+                                                                  error=message).SerializeToString()
 
     async def _info(self, request: pb.InfoRequest, context) -> pb.InfoReply:
         return pb.InfoReply(group=self.group, expert_ids=self.expert_ids, layers=sorted(self.layers),
@@ -143,6 +157,7 @@ class ExpertServer:
         return {
             # bytes in, bytes out: (de)serialisation happens on the worker thread, off the loop
             "Forward": grpc.unary_unary_rpc_method_handler(self._forward),
+            "ForwardStream": grpc.stream_stream_rpc_method_handler(self._forward_stream),
             "Info": typed(self._info, pb.InfoRequest, pb.InfoReply),
             "Ping": typed(self._ping, pb.PingRequest, pb.PingReply),
         }
@@ -163,8 +178,13 @@ class ExpertServer:
         return self.address
 
     async def stop(self, grace: float | None = 1.0) -> None:
-        """Finish in-flight calls for up to `grace` seconds (None: cancel them now), then close."""
+        """Finish the requests being computed for up to `grace` seconds (None: cancel them now),
+        then close. Open ForwardStreams, idle between requests, are cut then: their callers send
+        what follows to another replica."""
         if self._server is not None:
-            await self._server.stop(grace)
+            deadline = time.monotonic() + (grace or 0.0)
+            while self.in_flight and time.monotonic() < deadline:
+                await asyncio.sleep(0.005)
+            await self._server.stop(None)
             self._server = None
         self._executor.shutdown(wait=False, cancel_futures=True)

@@ -2,6 +2,7 @@
 bounded unavailability, request validation."""
 
 import re
+import threading
 import time
 
 import grpc
@@ -205,6 +206,29 @@ def test_a_stopped_replica_fails_over_with_identical_results(loop, tiny_model_di
         stop_all(loop, servers)
 
 
+def test_a_replica_that_stops_answering_is_left_after_the_call_timeout(loop, tiny_model_dir, config):
+    """A replica that holds a request past call_timeout_s: the request goes to the other replica
+    (same result), and its stream is dropped, so no later reply is matched to the wrong request."""
+    local = LocalExperts(load_weights(tiny_model_dir, dtype="float32", dense=False).experts)
+    placement = Placement.contiguous(config.n_routed_experts, 1)
+    servers, replicas = start_servers(loop, tiny_model_dir, placement, copies=2)
+    stalled, release = servers[0][0], threading.Event()
+    compute = stalled.forward_bytes
+    stalled.forward_bytes = lambda request: (release.wait(10), compute(request))[1]
+    x, ids, w = random_routing(config, 8)
+    try:
+        with RemoteExperts(placement, replicas, call_timeout_s=0.5) as remote:
+            for layer in (1, 2, 3):  # the replicas take turns: one of these goes to the stalled one first
+                torch.testing.assert_close(remote.forward(layer, x, ids, w), local.forward(layer, x, ids, w))
+            release.set()
+            torch.testing.assert_close(remote.forward(1, x, ids, w), local.forward(1, x, ids, w))
+            stats = remote.stats.take()
+            assert stats["retries"] >= 1 and stats["calls"] == 4 + stats["retries"]
+    finally:
+        release.set()
+        stop_all(loop, servers)
+
+
 def test_no_replica_left_raises_within_the_bounded_wait(loop, tiny_model_dir, config):
     placement = Placement.contiguous(config.n_routed_experts, 2)
     servers, replicas = start_servers(loop, tiny_model_dir, placement)
@@ -269,6 +293,13 @@ def test_bad_requests_get_invalid_argument(loop, tiny_model_dir, config):
                 assert err.value.code() == code
                 assert re.search(message, err.value.details()), err.value.details()
             assert stub.Forward(request(), timeout=10).partial.shape == [3, config.hidden_size]
+            # on a ForwardStream each bad request gets a reply carrying the status; the stream goes on
+            replies = list(stub.ForwardStream(iter([req for req, _, _ in cases] + [request()]), timeout=10))
+            assert len(replies) == len(cases) + 1
+            for reply, (_, code, message) in zip(replies, cases):
+                assert reply.error_code == code.value[0] and not reply.HasField("partial")
+                assert re.search(message, reply.error), reply.error
+            assert replies[-1].error_code == 0 and replies[-1].partial.shape == [3, config.hidden_size]
         with RemoteExperts(Placement(placement.groups, version=4), replicas) as remote:
             with pytest.raises(ExpertCallError, match="INVALID_ARGUMENT: .*layer 99"):
                 remote.forward(99, x, ids, w)
