@@ -41,10 +41,6 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--attention-cpus", type=_positive_int, default=None,
                    help="--distributed: CPUs reserved by the attention replica, and its threads sharing "
                         "each layer's attention (default: every core)")
-    p.add_argument("--overlap-shared-expert", action="store_true",
-                   help="--distributed: compute the shared expert while the expert groups compute (the "
-                        "ServeConfig default); default after their replies, as the groups share this "
-                        "machine's cores")
     p.add_argument("--stream", action="store_true",
                    help="--distributed: stream every token to the bench as it is made (one Serve message per "
                         "request and step); default whole requests, as the offline engine run returns them")
@@ -127,8 +123,7 @@ def bench_workload(name: str, model_dir: Path, vocab_size: int, args) -> dict:
         if args.distributed:
             _log(f"  distributed app (G={args.expert_groups}, N=1) on a local Ray cluster ({i + 1}/{args.repeat}) ...")
             run = run_in_child(run_distributed, model_dir, workload, args.dtype, args.expert_groups, 1,
-                               attention_cpus=args.attention_cpus, stream=args.stream,
-                               overlap_shared_expert=args.overlap_shared_expert)
+                               attention_cpus=args.attention_cpus, stream=args.stream)
             runs["distributed"].append({**stats.summarize_run(run), "breakdown": run["breakdown"]})
             tokens["distributed"] = run["token_ids"]
     entry = {"workload": workload.summary(), "engine": _best(runs["engine"])}

@@ -61,12 +61,10 @@ async def _stream_all(handle, workload: Workload, t0: float, stream: bool = True
 
 def run_distributed(model_dir: str | Path, workload: Workload, dtype: str = "float32", groups: int = 2,
                     attention_replicas: int = 1, kv_cache_memory: int = 1 << 30,
-                    attention_cpus: float | None = None, stream: bool = False,
-                    overlap_shared_expert: bool = False) -> dict:
+                    attention_cpus: float | None = None, stream: bool = False) -> dict:
     """`attention_cpus`: CPUs reserved by (and attention threads of) the attention replica; default
     every core: with one attention replica it computes while the expert groups wait, and the
-    other way round, so they do not compete for cores. For the same reason the shared expert runs
-    after the groups' replies unless `overlap_shared_expert`. `stream`: every token crosses to the
+    other way round, so they do not compete for cores. `stream`: every token crosses to the
     client as it is made (one Serve message per request and step); default whole requests, one
     message each, as the offline engine run returns them."""
     import ray
@@ -82,7 +80,7 @@ def run_distributed(model_dir: str | Path, workload: Workload, dtype: str = "flo
         serve.start(http_options={"location": "NoServer"})
         cfg = ServeConfig(model=str(model_dir), expert_groups=groups, attention_replicas=attention_replicas,
                           dtype=dtype, kv_cache_memory=kv_cache_memory, max_num_seqs=workload.max_num_seqs,
-                          max_num_batched_tokens=MAX_NUM_BATCHED_TOKENS, overlap_shared_expert=overlap_shared_expert,
+                          max_num_batched_tokens=MAX_NUM_BATCHED_TOKENS,
                           attention_resources=Resources(num_cpus=attention_cpus or os.cpu_count() or 1))
         serve.run(build_app(cfg), name=APP, route_prefix=None)
         router = serve.get_deployment_handle("ExpertRouter", app_name=APP)
@@ -110,7 +108,7 @@ def run_distributed(model_dir: str | Path, workload: Workload, dtype: str = "flo
     return {
         "system": f"distributed (G={groups}, N={attention_replicas})",
         "options": cfg.model_dump(include={"expert_groups", "attention_replicas", "dtype", "kv_cache_memory",
-                                           "max_num_seqs", "max_num_batched_tokens", "microbatches", "overlap_shared_expert",
+                                           "max_num_seqs", "max_num_batched_tokens", "microbatches",
                                            "attention_resources", "expert_resources"}) | {"streaming": stream},
         "load_time_s": load_time,
         "wall_time_s": wall,

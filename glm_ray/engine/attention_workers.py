@@ -98,13 +98,12 @@ class AttentionWorkers:
         return out
 
 
-def share_projections(model: torch.nn.Module, workers: AttentionWorkers, shared_experts: bool = False) -> int:
-    """Let `workers` split the rows of the model's projections (attention, dense MLPs) and, with
-    `shared_experts`, the shared experts' (leave those out when they run while remote routed
-    experts hold the other cores). Returns how many."""
+def share_projections(model: torch.nn.Module, workers: AttentionWorkers) -> int:
+    """Let `workers` split the rows of the model's projections (attention, dense MLPs); not the
+    shared experts', which run while remote routed experts hold the other cores. Returns how many."""
     shared = 0
     for name, module in model.named_modules():
-        if isinstance(module, Linear) and (shared_experts or ".shared_experts." not in f".{name}."):
+        if isinstance(module, Linear) and ".shared_experts." not in f".{name}.":
             module.workers = workers
             shared += 1
     return shared

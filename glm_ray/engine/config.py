@@ -32,9 +32,6 @@ class EngineOptions:
     retain_freed_memory: bool = True  # keep large freed blocks in this process's heap (engine/memory.py)
     microbatches: int = 1  # >1: a step's sequences in groups run interleaved (remote experts overlap)
     attention_workers: int = 1  # >1: threads sharing each layer's attention calls (engine/attention_workers.py)
-    # the shared expert while remote routed experts are in flight (True), or after their replies
-    # (False: when the expert groups compute on this machine's cores, see BENCHMARKS.md)
-    overlap_shared_expert: bool = True
 
     @classmethod
     def from_kwargs(cls, **kwargs) -> EngineOptions:
@@ -56,9 +53,8 @@ class EngineOptions:
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise ValueError(f"{name} must be None or an integer >= 1, got {value!r}")
-        for name in ("enable_prefix_caching", "overlap_shared_expert"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        if not isinstance(self.enable_prefix_caching, bool):
+            raise ValueError(f"enable_prefix_caching must be true or false, got {self.enable_prefix_caching!r}")
 
 
 @dataclass(frozen=True)

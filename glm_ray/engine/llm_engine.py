@@ -24,7 +24,6 @@ from glm_ray.engine.sampling_params import SamplingParams
 from glm_ray.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from glm_ray.experts.backend import ExpertBackend
 from glm_ray.model.loader import load_model, resolve_dtype
-from glm_ray.model.moe import MoE
 from glm_ray.tokenizer import Tokenizer
 
 
@@ -47,14 +46,10 @@ class LLMEngine:
             o.enable_prefix_caching, o.long_prefill_token_threshold))
         self.cache = PagedKVCache(self.model_config, self.limits.num_kv_blocks, o.block_size, self.dtype)
         sampler = Sampler(self.model_config.eos_token_ids, torch.Generator().manual_seed(o.seed))
-        for module in self.model.modules():
-            if isinstance(module, MoE):
-                module.overlap_shared = o.overlap_shared_expert
         workers = None
         if o.attention_workers > 1:
             workers = AttentionWorkers(o.attention_workers)
-            # a shared expert run after the routed replies has the cores to itself: share it too
-            share_projections(self.model, workers, shared_experts=not o.overlap_shared_expert)
+            share_projections(self.model, workers)
         self.runner = ModelRunner(self.model, self.experts, self.cache, sampler, o.microbatches, workers)
         self.requests: dict[str, Request] = {}
         self.step_stats = {"steps": 0, "step_s": 0.0, "batched_tokens": 0}  # cumulative, for benchmarks

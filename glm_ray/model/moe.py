@@ -60,11 +60,6 @@ class Gate(nn.Module):
 
 
 class MoE(nn.Module):
-    # True: the shared expert runs while the routed work is in flight (remote backends overlap
-    # it with their round trip); False: after the routed result, when the expert groups compute on
-    # this machine's cores and the overlap would only slow them. Same result either way.
-    overlap_shared = True
-
     def __init__(self, config: ModelConfig, layer: int):
         super().__init__()
         self.layer = layer
@@ -88,13 +83,7 @@ class PendingMoE:
         self.moe, self.hidden_states, self.routed = moe, hidden_states, routed
 
     def result(self) -> torch.Tensor:
-        if self.moe.overlap_shared:
-            shared = self._shared()  # while the routed work is in flight
-            routed = self.routed.result()
-        else:
-            routed = self.routed.result()
-            shared = self._shared()
+        # the shared expert runs while routed work is in flight (remote backends)
+        shared = self.moe.shared_experts(self.hidden_states) if self.moe.shared_experts is not None else None
+        routed = self.routed.result()
         return routed if shared is None else routed + shared
-
-    def _shared(self) -> torch.Tensor | None:
-        return self.moe.shared_experts(self.hidden_states) if self.moe.shared_experts is not None else None

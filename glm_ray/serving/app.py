@@ -62,7 +62,7 @@ def build_app(config: ServeConfig | dict) -> Application:
     ]
     engine_options = dict(dtype=cfg.dtype, kv_cache_memory=cfg.kv_cache_memory, max_num_seqs=cfg.max_num_seqs,
                           max_num_batched_tokens=cfg.max_num_batched_tokens, max_model_len=cfg.max_model_len,
-                          microbatches=cfg.microbatches, overlap_shared_expert=cfg.overlap_shared_expert)
+                          microbatches=cfg.microbatches)
     attention = AttentionReplica.options(
         name="AttentionReplica", num_replicas=cfg.attention_replicas, max_ongoing_requests=cfg.max_ongoing_requests,
         ray_actor_options=cfg.attention_resources.ray_actor_options(), **shutdown).bind(

@@ -53,10 +53,6 @@ class ServeConfig(BaseModel):
     microbatches: int = Field(1, ge=1, description="each engine step's sequences in this many groups, run layer by "
                               "layer in turn so one group's expert round trip overlaps the next one's attention "
                               "(pays off when attention and expert groups have their own cores; see BENCHMARKS.md)")
-    overlap_shared_expert: bool = Field(True, description="compute the shared expert while the routed experts are "
-                                        "in flight; false: after their replies, on all the attention replica's "
-                                        "threads (faster when the expert groups share its machine's cores; see "
-                                        "BENCHMARKS.md)")
     max_body_bytes: int = Field(32 << 20, ge=1, description="HTTP request bodies above this get 413")
     max_pending_requests: int = Field(256, ge=1, description="requests in flight at the ingress before 429")
 

@@ -245,24 +245,6 @@ def test_attention_workers_give_the_same_outputs(tiny_model_dir, llm):
         assert g.outputs[0].logprobs == w.outputs[0].logprobs and g.prompt_logprobs == w.prompt_logprobs
 
 
-def test_shared_expert_after_the_routed_experts_gives_the_same_outputs(tiny_model_dir, llm):
-    """The shared expert computed after the routed experts' result, its rows shared among 2
-    threads: the same tokens and bit-identical logprobs as the default order on one thread."""
-    prompts = [{"prompt_token_ids": prompt(n, seed=n)["prompt_token_ids"]} for n in range(60, 100, 7)]
-    params = greedy(max_tokens=6, ignore_eos=True, logprobs=2, prompt_logprobs=1)
-    want = llm.generate(prompts, params)
-    got = LLM(tiny_model_dir, dtype="float32", attention_workers=2, overlap_shared_expert=False).generate(prompts,
-                                                                                                        params)
-    for g, w in zip(got, want):
-        assert g.outputs[0].token_ids == w.outputs[0].token_ids
-        assert g.outputs[0].logprobs == w.outputs[0].logprobs and g.prompt_logprobs == w.prompt_logprobs
-
-
-def test_overlap_shared_expert_must_be_a_bool(tiny_model_dir):
-    with pytest.raises(ValueError, match="overlap_shared_expert must be true or false, got 'no'"):
-        LLM(tiny_model_dir, overlap_shared_expert="no")
-
-
 def test_attention_workers_must_be_positive(tiny_model_dir):
     with pytest.raises(ValueError, match="attention_workers must be an integer >= 1, got 0"):
         LLM(tiny_model_dir, attention_workers=0)

@@ -62,12 +62,11 @@ def reference(tiny_model_dir):
     return batch, outs
 
 
-@pytest.mark.parametrize("groups, attention, overlap", [(1, 1, True), (2, 2, True), (3, 1, False)])
-def test_distributed_equals_in_process(ray_serve, tiny_model_dir, reference, groups, attention, overlap):
-    """overlap=False: the shared expert runs after the groups' replies (overlap_shared_expert)."""
+@pytest.mark.parametrize("groups, attention", [(1, 1), (2, 2), (3, 1)])
+def test_distributed_equals_in_process(ray_serve, tiny_model_dir, reference, groups, attention):
     batch, want = reference
     deploy(ServeConfig(model=str(tiny_model_dir), expert_groups=groups, attention_replicas=attention,
-                       dtype="float32", kv_cache_memory=64 << 20, overlap_shared_expert=overlap), ray_serve)
+                       dtype="float32", kv_cache_memory=64 << 20), ray_serve)
     try:
         got = generate_all(ray_serve, batch, 12, prompt_logprobs=1)
         for g, w in zip(got, want):

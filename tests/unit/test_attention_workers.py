@@ -121,20 +121,3 @@ def test_share_projections_leaves_the_shared_experts_on_the_engine_thread(tiny_m
         assert any(".shared_experts." in name for name in linears)
     finally:
         workers.close()
-
-
-def test_share_projections_can_include_the_shared_experts(tiny_model_dir):
-    """When the shared expert runs after the routed replies (overlap_shared_expert=False) its
-    projections are shared too: every projection gets the workers."""
-    from glm_ray.engine.attention_workers import share_projections
-    from glm_ray.model.layers import Linear
-    from glm_ray.model.loader import load_model
-
-    model, _, _ = load_model(tiny_model_dir, dtype=torch.float32, with_experts=False)
-    workers = AttentionWorkers(2)
-    try:
-        linears = [m for m in model.modules() if isinstance(m, Linear)]
-        assert share_projections(model, workers, shared_experts=True) == len(linears)
-        assert all(m.workers is workers for m in linears)
-    finally:
-        workers.close()

@@ -135,38 +135,6 @@ def test_bias_chooses_but_does_not_weight():
     assert weights.item() == pytest.approx(torch.sigmoid(torch.tensor(-1.0)).item())
 
 
-
-@pytest.mark.parametrize("overlap", [True, False])
-def test_shared_expert_runs_during_or_after_the_routed_round_trip(tiny_model_dir, overlap):
-    """overlap: the shared expert is computed before the routed result is awaited (while a remote
-    backend's calls are in flight); otherwise after it. The output is the same sum either way."""
-    from glm_ray.config import load_model_config
-    from glm_ray.model.moe import MoE
-
-    config = load_model_config(tiny_model_dir)
-    moe = MoE(config, layer=1).requires_grad_(False)
-    for p in moe.parameters():
-        p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
-    moe.overlap_shared = overlap
-    order = []
-    moe.shared_experts.register_forward_hook(lambda *_: order.append("shared"))
-    routed_value = torch.full((5, config.hidden_size), 0.25)
-
-    class Pending:
-        def result(self):
-            order.append("routed")
-            return routed_value
-
-    class Backend:
-        def submit(self, layer, hidden_states, topk_ids, topk_weights):
-            order.append("submit")
-            return Pending()
-
-    x = torch.randn(5, config.hidden_size)
-    out = moe.begin(x, Backend()).result()
-    assert order == (["submit", "shared", "routed"] if overlap else ["submit", "routed", "shared"])
-    torch.testing.assert_close(out, routed_value + moe.shared_experts(x), rtol=0, atol=0)
-
 # The C kernel (glm_ray/experts/swiglu_kernel.c). On a machine where it can be built it must be;
 # elsewhere (no compiler, no AVX2) the torch paths run and these tests skip.
 from glm_ray.experts import swiglu_kernel  # noqa: E402
