@@ -4,8 +4,7 @@ Storage is one block array per layer ([num_blocks, block_size, Hkv, D] for k and
 sequence's block table maps its positions to blocks. Reads gather whole blocks (a block is one
 contiguous run of memory, so the copy runs at memory speed), never single slots. Prefill chunks
 attend one by one; decode tokens (one query each) attend together in one padded, masked call per
-layer, with each KV head's group of query heads batched as that head's queries (no K/V repeat);
-with attention workers, one call per KV head, so that even one bucket is shared.
+layer, with each KV head's group of query heads batched as that head's queries (no K/V repeat).
 Legend: T step tokens, B decode sequences, N blocks, L = N * block_size, Hq/Hkv heads, D head_dim.
 """
 
@@ -73,7 +72,7 @@ class PagedAttention:
         flat_v[self.slot_mapping] = v
 
         def prefill(c: StepChunk, blocks: torch.Tensor | None):
-            rows = slice(c.offset, c.offset + c.num_tokens)  # of `out`: these tokens, every head
+            rows = slice(c.offset, c.offset + c.num_tokens)
             if blocks is None:
                 kc, vc = k[rows], v[rows]
             else:
@@ -81,25 +80,16 @@ class PagedAttention:
                 vc = v_cache.index_select(0, blocks).flatten(0, 1)[:c.context_len]
             return rows, causal_attention(q[rows], kc, vc, scale)
 
-        def decode(bucket: _DecodeBucket, head: int | None = None):
-            if head is None:
-                return bucket.rows, bucket.attend(q, k_cache, v_cache, scale)
-            group = q.shape[1] // k_cache.shape[2]  # query heads reading this KV head
-            return (bucket.rows, slice(head * group, (head + 1) * group)), \
-                bucket.attend(q, k_cache, v_cache, scale, head)
+        def decode(bucket: _DecodeBucket):
+            return bucket.rows, bucket.attend(q, k_cache, v_cache, scale)
 
         # cost ~ keys read per query, summed: how long the call takes, for sharing among workers
         calls = [(c.num_tokens * c.context_len, partial(prefill, c, blocks)) for c, blocks in self.prefills]
-        hkv = k_cache.shape[2]
-        for b in self.decode_buckets:
-            if self.workers and hkv > 1:  # one call per KV head: even a single bucket is shared
-                calls += [(len(b.rows) * b.width / hkv, partial(decode, b, h)) for h in range(hkv)]
-            else:
-                calls.append((len(b.rows) * b.width, partial(decode, b)))
+        calls += [(len(b.rows) * b.width, partial(decode, b)) for b in self.decode_buckets]
         results = self.workers.run(calls) if self.workers else [call() for _, call in calls]
         out = torch.empty_like(q)
-        for where, part in results:  # disjoint (token rows, heads)
-            out[where] = part
+        for rows, part in results:  # rows are disjoint
+            out[rows] = part
         return out
 
 
@@ -121,18 +111,9 @@ class _DecodeBucket:
         visible = torch.arange(width * block_size)[None, :] < lens[:, None]  # [B, L]
         self.mask = torch.zeros(visible.shape, dtype=dtype).masked_fill_(~visible, float("-inf"))[:, None, None, :]
 
-    def attend(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, scale: float,
-               head: int | None = None) -> torch.Tensor:
-        """-> [B, Hq, D]; with `head`, only that KV head's query heads: [B, Hq / Hkv, D]."""
+    def attend(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, scale: float) -> torch.Tensor:
         b, hq, d = len(self.rows), q.shape[1], q.shape[2]
         hkv = k_cache.shape[2]
-        if head is not None:
-            group = hq // hkv
-            k = k_cache[:, :, head].index_select(0, self.blocks).view(b, 1, -1, d)  # [B, 1, L, D]
-            v = v_cache[:, :, head].index_select(0, self.blocks).view(b, 1, -1, d)
-            qd = q[self.rows, head * group:(head + 1) * group].view(b, 1, group, d)
-            out = F.scaled_dot_product_attention(qd, k, v, attn_mask=self.mask, scale=scale)  # [B, 1, Hq/Hkv, D]
-            return out.reshape(b, group, d)
         k = k_cache.index_select(0, self.blocks).view(b, -1, hkv, d).transpose(1, 2)  # [B, Hkv, L, D]
         v = v_cache.index_select(0, self.blocks).view(b, -1, hkv, d).transpose(1, 2)
         # query head h reads KV head h // (Hq / Hkv): each KV head's query heads are its queries

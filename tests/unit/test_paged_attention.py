@@ -88,26 +88,3 @@ def test_attention_workers_give_bitwise_the_same_step():
         finally:
             workers.close()
         assert torch.equal(got, want)
-
-
-def test_with_workers_each_decode_bucket_is_shared_per_kv_head():
-    """Ten decodes make one bucket: with workers it becomes one call per KV head, so both threads
-    get a share, and the result is still bit-identical to one call on one thread."""
-    from glm_ray.engine.attention_workers import AttentionWorkers
-
-    g = torch.Generator().manual_seed(2)
-    cache = PagedKVCache(_config(), num_blocks=200, block_size=BS, dtype=torch.float32)
-    for t in cache.k + cache.v:
-        t.normal_(generator=g)
-    chunks = [StepChunk(i, 1, 5 + 3 * i, list(range(1 + 10 * i, 11 + 10 * i))) for i in range(10)]
-    q, k, v = (torch.randn(10, h, D, generator=g) for h in (HQ, HKV, HKV))
-    want = PagedAttention(cache, chunks).attend(0, q, k, v, scale=D**-0.5)
-    workers = AttentionWorkers(2)
-    shared = []
-    run = workers.run
-    workers.run = lambda calls: shared.append(len(calls)) or run(calls)
-    try:
-        got = PagedAttention(cache, chunks, workers).attend(0, q, k, v, scale=D**-0.5)
-    finally:
-        workers.close()
-    assert shared == [HKV] and torch.equal(got, want)
