@@ -10,7 +10,6 @@ projection, is computed exactly as on the engine thread alone, so results do not
 
 from __future__ import annotations
 
-from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
@@ -40,15 +39,9 @@ def balance(costs: list[float], n: int) -> list[list[int]]:
     return shares
 
 
-def _drain(calls: list[Callable[[], T]], todo: deque[int], results: list) -> None:
-    """Run calls[i] for each i taken from `todo` until it is empty (popleft is atomic)."""
+def _run(calls: list[Callable[[], T]]) -> list[T]:
     with torch.inference_mode():  # thread-local: the engine thread's mode does not reach helpers
-        while True:
-            try:
-                i = todo.popleft()
-            except IndexError:
-                return
-            results[i] = calls[i]()
+        return [call() for call in calls]
 
 
 class AttentionWorkers:
@@ -59,20 +52,15 @@ class AttentionWorkers:
         self._pool = ThreadPoolExecutor(n - 1, thread_name_prefix="glm-ray-attention")
 
     def run(self, calls: list[tuple[float, Callable[[], T]]]) -> list[T]:
-        """[(cost, call)] -> the calls' results, in order. The caller's thread and helpers take
-        the calls costliest first, each its next one as it gets free, so a helper woken late (its
-        core busy) leaves more of them to the others instead of holding a fixed share."""
+        """[(cost, call)] -> the calls' results, in no particular order; the caller's thread runs
+        one share, helpers the others."""
         if len(calls) < 2:
             return [call() for _, call in calls]
-        todo = deque(sorted(range(len(calls)), key=lambda i: -calls[i][0]))
-        fns, results = [call for _, call in calls], [None] * len(calls)
-        futures = [self._pool.submit(_drain, fns, todo, results) for _ in range(min(self.n, len(calls)) - 1)]
-        try:
-            _drain(fns, todo, results)
-        finally:
-            todo.clear()  # on an error here, helpers stop after their current call
-            for future in futures:
-                future.result()  # waits; re-raises a helper's error
+        shares = balance([cost for cost, _ in calls], self.n)
+        futures = [self._pool.submit(_run, [calls[i][1] for i in share]) for share in shares[1:] if share]
+        results = [calls[i][1]() for i in shares[0]]
+        for future in futures:
+            results += future.result()
         return results
 
     def close(self) -> None:
