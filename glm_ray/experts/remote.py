@@ -1,4 +1,4 @@
-"""Routed experts over gRPC: one Forward per destination group per MoE layer (design.md, "The hot path").
+"""Routed experts over gRPC: one ForwardRequest per destination group per MoE layer (design.md, "The hot path").
 
 `submit` splits the (token, expert) pairs by group on the caller's thread, sends every group its
 tokens concurrently from a dedicated event-loop thread, each on the long-lived stream to the

@@ -51,7 +51,7 @@ class ReplicaStream:
         reply = asyncio.get_running_loop().create_future()
         async with self._write_lock:  # one write at a time, queued in the order they wait
             if self.failure is not None:
-                raise CallFailed(self.failure.code, self.failure.details)
+                raise self._failed()
             self._waiting.append(reply)
             try:
                 await self._call.write(payload)
@@ -65,7 +65,7 @@ class ReplicaStream:
         except asyncio.TimeoutError:
             # later replies on this stream would be matched to the wrong requests: drop it
             self._fail(CallFailed(grpc.StatusCode.DEADLINE_EXCEEDED, f"no reply within {timeout:g} s"))
-            raise CallFailed(grpc.StatusCode.DEADLINE_EXCEEDED, f"no reply within {timeout:g} s") from None
+            raise self._failed() from None
         if out.error_code:
             raise CallFailed(_STATUS.get(out.error_code, grpc.StatusCode.UNKNOWN), out.error)
         return out
@@ -97,5 +97,9 @@ class ReplicaStream:
         while self._waiting:
             waiting = self._waiting.popleft()
             if not waiting.done():
-                waiting.set_exception(CallFailed(self.failure.code, self.failure.details))
+                waiting.set_exception(self._failed())
                 waiting.exception()  # the awaiting request raises it; no "never retrieved" log
+
+    def _failed(self) -> CallFailed:
+        """A new exception for each request the failure reaches (one traceback each)."""
+        return CallFailed(self.failure.code, self.failure.details)
