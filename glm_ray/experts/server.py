@@ -1,8 +1,11 @@
 """One expert-group replica's gRPC `ExpertService` (protos/glm_ray/v1/experts.proto).
 
-Forward and ForwardStream take and return raw message bytes: parsing, the grouped SwiGLU and
-encoding the reply all run on one worker thread, so the grpc.aio loop only moves bytes and stays
-responsive (Ping, Info, other calls) during a long prefill. Bad requests are INVALID_ARGUMENT with a
+Forward and ForwardStream take and return raw message bytes; parsing, the grouped SwiGLU and
+encoding the reply run in one piece. A ForwardStream message, the hot path (one a MoE layer), is
+computed on the grpc.aio loop thread as it arrives: no hop to a worker thread and back, which in the
+running app took each layer's round trip two thread wake-ups on busy cores (BENCHMARKS.md). Ping and
+Info wait for it, so a server should have the loop to itself. A unary Forward (tools, one-off calls)
+runs on a worker thread and leaves the loop free meanwhile. Bad requests are INVALID_ARGUMENT with a
 message naming the field; a stale placement is FAILED_PRECONDITION: a unary Forward fails with that
 status, a ForwardStream message gets a reply carrying it (`error_code`, `error`) and the stream goes on.
 Legend: T_g tokens sent to this group, K top-k, H hidden, E_g experts held.
@@ -113,11 +116,15 @@ class ExpertServer:
 
     # -- gRPC ----------------------------------------------------------------------------------
 
-    async def _serve_one(self, request: bytes) -> tuple[bytes | None, grpc.StatusCode, str]:
-        """(reply bytes, OK, "") or (None, status, message)."""
+    async def _serve_one(self, request: bytes, on_loop: bool = False) -> tuple[bytes | None, grpc.StatusCode, str]:
+        """(reply bytes, OK, "") or (None, status, message); computed on this loop's thread if
+        `on_loop`, else on the worker thread."""
         self.in_flight += 1
         try:
-            reply = await asyncio.get_running_loop().run_in_executor(self._executor, self.forward_bytes, request)
+            if on_loop:
+                reply = self.forward_bytes(request)
+            else:
+                reply = await asyncio.get_running_loop().run_in_executor(self._executor, self.forward_bytes, request)
         except BadRequest as e:
             return None, grpc.StatusCode.INVALID_ARGUMENT, str(e)
         except StalePlacement as e:
@@ -136,9 +143,10 @@ class ExpertServer:
         return reply
 
     async def _forward_stream(self, requests, context: grpc.aio.ServicerContext):
-        """One reply per request, in order (the caller matches them by position)."""
+        """One reply per request, in order (the caller matches them by position), each computed
+        here on the loop as it arrives."""
         async for request in requests:
-            reply, status, message = await self._serve_one(request)
+            reply, status, message = await self._serve_one(request, on_loop=True)
             yield reply if reply is not None else pb.ForwardReply(error_code=status.value[0],
                                                                   error=message).SerializeToString()
 
@@ -155,7 +163,7 @@ class ExpertServer:
             return grpc.unary_unary_rpc_method_handler(fn, request_deserializer=req.FromString,
                                                        response_serializer=rep.SerializeToString)
         return {
-            # bytes in, bytes out: (de)serialisation happens on the worker thread, off the loop
+            # bytes in, bytes out: (de)serialisation goes with the computation (forward_bytes)
             "Forward": grpc.unary_unary_rpc_method_handler(self._forward),
             "ForwardStream": grpc.stream_stream_rpc_method_handler(self._forward_stream),
             "Info": typed(self._info, pb.InfoRequest, pb.InfoReply),

@@ -38,20 +38,27 @@ def config(tiny_model_dir):
     return load_model_config(tiny_model_dir)
 
 
-def start_servers(loop, model_dir, placement, dtype="float32", copies=1, placement_version=0):
-    """copies servers per group, each loading only its group's experts -> (servers[g], StaticReplicas)."""
+def start_servers(loop, model_dir, placement, dtype="float32", copies=1, placement_version=0, own_loops=False):
+    """copies servers per group, each loading only its group's experts -> (servers[g], StaticReplicas).
+    All on `loop`, or with own_loops each on a loop of its own, as deployed (`loop_of`): a server
+    computes stream requests on its loop, so one that stalls there stalls only itself."""
     servers = {}
     for g in range(placement.num_groups):
         weights = load_weights(model_dir, dtype=dtype, dense=False, expert_ids=placement.experts_of(g))
         servers[g] = [ExpertServer(weights.experts, g, placement_version=placement_version) for _ in range(copies)]
-    replicas = StaticReplicas({g: [loop.run(s.start()) for s in group] for g, group in servers.items()})
+    for group in servers.values():
+        for s in group:
+            s.test_loop = EventLoopThread(f"test-expert-server-{s.group}") if own_loops else loop
+    replicas = StaticReplicas({g: [s.test_loop.run(s.start()) for s in group] for g, group in servers.items()})
     return servers, replicas
 
 
 def stop_all(loop, servers):
     for group in servers.values():
         for s in group:
-            loop.run(s.stop(None))
+            s.test_loop.run(s.stop(None))
+            if s.test_loop is not loop:
+                s.test_loop.stop()
 
 
 def random_routing(config, tokens, seed=0, dtype=torch.float32):
@@ -211,7 +218,7 @@ def test_a_replica_that_stops_answering_is_left_after_the_call_timeout(loop, tin
     (same result), and its stream is dropped, so no later reply is matched to the wrong request."""
     local = LocalExperts(load_weights(tiny_model_dir, dtype="float32", dense=False).experts)
     placement = Placement.contiguous(config.n_routed_experts, 1)
-    servers, replicas = start_servers(loop, tiny_model_dir, placement, copies=2)
+    servers, replicas = start_servers(loop, tiny_model_dir, placement, copies=2, own_loops=True)
     stalled, release = servers[0][0], threading.Event()
     compute = stalled.forward_bytes
     stalled.forward_bytes = lambda request: (release.wait(10), compute(request))[1]
