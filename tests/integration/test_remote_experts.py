@@ -40,7 +40,7 @@ def config(tiny_model_dir):
 
 def start_servers(loop, model_dir, placement, dtype="float32", copies=1, placement_version=0, own_loops=False):
     """copies servers per group, each loading only its group's experts -> (servers[g], StaticReplicas).
-    All on `loop`, or with own_loops each on a loop of its own, as deployed (`loop_of`): a server
+    All on `loop`, or with own_loops each on a loop of its own (`test_loop`), as deployed: a server
     computes stream requests on its loop, so one that stalls there stalls only itself."""
     servers = {}
     for g in range(placement.num_groups):
