@@ -5,7 +5,10 @@ tokens concurrently from a dedicated event-loop thread, each on the long-lived s
 replica chosen (experts/stream.py), and `result()` scatter-adds the groups' fp32 partial sums and
 casts once. A failed call moves to another replica of the group; with none
 left the caller's registry is asked to refresh and we wait a bounded time, then raise
-ExpertUnavailableError. Legend: T tokens, K top-k, H hidden, T_g tokens sent to group g.
+ExpertUnavailableError. A replica refusing our cluster secret (UNAUTHENTICATED) is a
+configuration error, not a replica failure: ExpertCallError at once. TLS that does not verify
+looks like an unreachable replica (UNAVAILABLE), so it ends in ExpertUnavailableError, the
+handshake error in its message. Legend: T tokens, K top-k, H hidden, T_g tokens sent to group g.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import grpc
 import numpy as np
 import torch
 
+from glm_ray.experts.auth import DispatchAuth
 from glm_ray.experts.backend import ExpertBackend
 from glm_ray.experts.policy import LeastOutstanding, ReplicaPolicy
 from glm_ray.experts.stream import CallFailed, ReplicaStream
@@ -53,7 +57,8 @@ class ExpertUnavailableError(RuntimeError):
 
 
 class ExpertCallError(RuntimeError):
-    """A replica rejected the request itself (bad shape, stale placement): not retried."""
+    """A replica rejected the request itself (bad shape, stale placement) or this caller (another
+    cluster secret): not retried."""
 
     retryable = False
 
@@ -178,17 +183,21 @@ class RemoteExperts(ExpertBackend):
     `refresh()`); policy: replica choice within a group; call_timeout_s: per RPC;
     unavailable_wait_s: how long to wait for a group with no live replica before
     ExpertUnavailableError; suspect_s: how long a replica that failed is avoided;
-    loop: run on this EventLoopThread instead of owning one.
+    loop: run on this EventLoopThread instead of owning one; auth: the cluster secret every call
+    carries and TLS for the channels (None: neither).
     """
 
     def __init__(self, placement: Placement, replicas: ReplicaSource, *, policy: ReplicaPolicy | None = None,
                  call_timeout_s: float = 60.0, unavailable_wait_s: float = 10.0, suspect_s: float = 5.0,
-                 poll_s: float = 0.05, loop: EventLoopThread | None = None):
+                 poll_s: float = 0.05, loop: EventLoopThread | None = None, auth: DispatchAuth | None = None):
         self.placement, self.replicas = placement, replicas
         self.policy = policy or LeastOutstanding()
         self.call_timeout_s, self.unavailable_wait_s = call_timeout_s, unavailable_wait_s
         self.suspect_s, self.poll_s = suspect_s, poll_s
         self.stats = TransportStats()
+        self._auth = auth or DispatchAuth()
+        self._metadata = self._auth.metadata()
+        self._credentials = self._auth.channel_credentials()  # reads the CA file now: a bad path fails here
         self._owns_loop = loop is None
         self._loop = loop or EventLoopThread("glm-ray-remote-experts")
         max_slots = max(len(g) for g in placement.groups)
@@ -289,6 +298,11 @@ class RemoteExperts(ExpertBackend):
             try:
                 return await self._call(address, payload)
             except CallFailed as e:
+                if e.code == grpc.StatusCode.UNAUTHENTICATED:
+                    raise ExpertCallError(
+                        f"expert group {group} replica {address} refused MoE layer {layer}: UNAUTHENTICATED: "
+                        f"{e.details}. The cluster secrets differ: deploy the attention and expert-group "
+                        "replicas with the same cluster_secret") from None
                 if e.code not in RETRY_CODES:
                     raise ExpertCallError(f"expert group {group} replica {address} rejected MoE layer {layer}: "
                                           f"{e.code.name}: {e.details}") from None
@@ -309,9 +323,9 @@ class RemoteExperts(ExpertBackend):
         stream = self._streams.get(address)
         if stream is None or stream.failure is not None:
             if address not in self._channels:
-                self._channels[address] = grpc.aio.insecure_channel(address, options=GRPC_OPTIONS)
+                self._channels[address] = self._auth.open_channel(address, self._credentials, GRPC_OPTIONS)
             # requests go as bytes, encoded on the caller's thread
-            stream = self._streams[address] = ReplicaStream(self._channels[address])
+            stream = self._streams[address] = ReplicaStream(self._channels[address], self._metadata)
         self._outstanding[address] += 1
         start = time.perf_counter()
         try:

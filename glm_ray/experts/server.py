@@ -8,6 +8,8 @@ Info wait for it, so a server should have the loop to itself. A unary Forward (t
 runs on a worker thread and leaves the loop free meanwhile. Bad requests are INVALID_ARGUMENT with a
 message naming the field; a stale placement is FAILED_PRECONDITION: a unary Forward fails with that
 status, a ForwardStream message gets a reply carrying it (`error_code`, `error`) and the stream goes on.
+With a DispatchAuth (experts/auth.py), every call must carry the cluster secret (else UNAUTHENTICATED,
+before any handler runs) and, with TLS configured, the port speaks TLS only.
 Legend: T_g tokens sent to this group, K top-k, H hidden, E_g experts held.
 """
 
@@ -21,6 +23,7 @@ import grpc
 import torch
 from google.protobuf.message import DecodeError
 
+from glm_ray.experts.auth import DispatchAuth
 from glm_ray.experts.local import ExpertWeights, grouped_swiglu
 from glm_ray.experts.wire import GRPC_OPTIONS, dtype_name, tensor_from_proto, tensor_to_proto
 from glm_ray.v1 import experts_pb2 as pb
@@ -40,9 +43,11 @@ class StalePlacement(ValueError):
 
 
 class ExpertServer:
-    """Serves `layers` (MoE layer -> this group's ExpertWeights, the same experts in every layer)."""
+    """Serves `layers` (MoE layer -> this group's ExpertWeights, the same experts in every layer);
+    `auth`: the cluster secret calls must carry and TLS for the port (None: neither)."""
 
-    def __init__(self, layers: dict[int, ExpertWeights], group: int, *, placement_version: int = 0):
+    def __init__(self, layers: dict[int, ExpertWeights], group: int, *, placement_version: int = 0,
+                 auth: DispatchAuth | None = None):
         if not layers:
             raise ValueError(f"expert group {group}: no layers to serve")
         first = next(iter(layers.values()))
@@ -57,6 +62,8 @@ class ExpertServer:
         self.expert_ids = list(first.expert_ids)
         self.dtype = first.w13.dtype
         self.hidden_size = first.w13.shape[2]
+        self.auth = auth or DispatchAuth()
+        self._credentials = self.auth.server_credentials()  # reads the TLS files now: a bad path fails here
         self.in_flight = 0  # Forward calls being served now
         self.num_calls = 0  # Forward calls finished, ok or not
         self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"expert-group-{group}")
@@ -175,9 +182,13 @@ class ExpertServer:
         if self._server is not None:
             raise RuntimeError(f"expert group {self.group}: server already started")
         # so_reuseport off: a port already taken must fail here, not silently share traffic
-        server = grpc.aio.server(options=[*GRPC_OPTIONS, ("grpc.so_reuseport", 0)])
+        server = grpc.aio.server(options=[*GRPC_OPTIONS, ("grpc.so_reuseport", 0)],
+                                 interceptors=self.auth.server_interceptors() or None)
         server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, self._handlers()),))
-        bound = server.add_insecure_port(f"{host}:{port}")
+        if self._credentials is None:
+            bound = server.add_insecure_port(f"{host}:{port}")
+        else:
+            bound = server.add_secure_port(f"{host}:{port}", self._credentials)
         if bound == 0:
             raise OSError(f"expert group {self.group}: cannot bind {host}:{port}")
         await server.start()

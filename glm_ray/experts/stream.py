@@ -38,9 +38,10 @@ def _as_failure(e: BaseException) -> CallFailed:
 
 
 class ReplicaStream:
-    def __init__(self, channel: grpc.aio.Channel):
+    def __init__(self, channel: grpc.aio.Channel, metadata: tuple[tuple[str, str], ...] = ()):
+        """metadata: sent once, when the stream opens (the cluster secret, experts/auth.py)."""
         self._call = channel.stream_stream(FORWARD_STREAM_METHOD,
-                                           response_deserializer=pb.ForwardReply.FromString)()
+                                           response_deserializer=pb.ForwardReply.FromString)(metadata=metadata)
         self._waiting: deque[asyncio.Future] = deque()  # in request order
         self._write_lock = asyncio.Lock()
         self.failure: CallFailed | None = None  # set once broken: the stream takes no more requests

@@ -14,6 +14,7 @@ from ray import serve
 from glm_ray.engine.async_engine import AsyncLLMEngine
 from glm_ray.engine.config import EngineOptions
 from glm_ray.engine.sampling_params import SamplingParams
+from glm_ray.experts.auth import DispatchAuth
 from glm_ray.experts.backend import ExpertBackend
 from glm_ray.experts.policy import PowerOfTwoChoices
 from glm_ray.experts.remote import RemoteExperts
@@ -93,15 +94,18 @@ class RouterSnapshots:
 @serve.deployment(max_ongoing_requests=256, graceful_shutdown_wait_loop_s=0.1)
 class AttentionReplica:
     def __init__(self, model_dir: str, engine_options: dict, placement: dict, router,
-                 refresh_s: float = 1.0, expert_wait_s: float = 10.0, num_threads: int = 1):
+                 refresh_s: float = 1.0, expert_wait_s: float = 10.0, num_threads: int = 1,
+                 dispatch_auth: dict | None = None):
         """num_threads: threads sharing each layer's attention calls and projection rows; torch itself
         runs one, as its OpenMP team would sleep through every expert wait and wake at each small op
-        (engine/attention_workers.py)."""
+        (engine/attention_workers.py). dispatch_auth: the cluster secret and TLS for calls to expert
+        replicas (DispatchAuth.to_dict()'s shape; None: neither)."""
         torch.set_num_threads(1)
+        auth = DispatchAuth.from_dict(dispatch_auth) if dispatch_auth else None
         table = Placement.from_dict(placement)
         self.snapshots = RouterSnapshots(router, refresh_s)
         self.experts = RemoteExperts(table, self.snapshots, policy=PowerOfTwoChoices(),
-                                     unavailable_wait_s=expert_wait_s)
+                                     unavailable_wait_s=expert_wait_s, auth=auth)
         self.counter = RoutingCounter(self.experts, table.num_experts)
         self.snapshots.report = self.counter.take_counts
         self.engine = AsyncLLMEngine(model_dir, EngineOptions(**{**engine_options, "attention_workers": num_threads}),

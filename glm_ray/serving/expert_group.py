@@ -2,7 +2,8 @@
 
 Each replica loads only its group's expert tensors, serves `ExpertService` on its own port from a
 dedicated thread (its event loop never waits on the replica's), registers with the router and
-heartbeats; it unregisters when Serve shuts it down.
+heartbeats; it unregisters when Serve shuts it down. `dispatch_auth` (DispatchAuth.to_dict()'s
+shape) sets the cluster secret calls must carry and TLS for the port.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from ray import serve
 
 from glm_ray.config import load_model_config
 from glm_ray.engine.memory import retain_freed_memory
+from glm_ray.experts.auth import DispatchAuth
 from glm_ray.experts.server import ExpertServer
 from glm_ray.model.loader import load_weights
 
@@ -41,7 +43,11 @@ class _LoopThread:
 @serve.deployment(max_ongoing_requests=100, graceful_shutdown_wait_loop_s=0.1)
 class ExpertGroup:
     async def __init__(self, model_dir: str, group: int, expert_ids: list[int], dtype: str, router,
-                       bind_host: str = "127.0.0.1", heartbeat_interval_s: float = 0.5, num_threads: int = 1):
+                       bind_host: str = "127.0.0.1", heartbeat_interval_s: float = 0.5, num_threads: int = 1,
+                       dispatch_auth: dict | None = None):
+        auth = DispatchAuth.from_dict(dispatch_auth) if dispatch_auth else None
+        if auth is not None:
+            auth.server_credentials()  # a bad TLS file fails now, not after loading the weights
         torch.set_num_threads(num_threads)
         retain_freed_memory()  # as the engine does: per-call temporaries must not page-fault
         self.group, self.expert_ids, self.router = group, list(expert_ids), router
@@ -51,7 +57,7 @@ class ExpertGroup:
                                           expert_ids=self.expert_ids)
         self.num_params = sum(w.numel() for w in weights.experts.values())  # resident routed-expert parameters
         self.read_names = weights.read_names
-        self.server = ExpertServer(weights.experts, group)
+        self.server = ExpertServer(weights.experts, group, auth=auth)
         self.io = _LoopThread(f"expert-group-{group}-grpc")
         address = self.io.run(self.server.start(bind_host, 0))
         if bind_host in ("0.0.0.0", "::"):

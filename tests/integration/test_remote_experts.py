@@ -38,14 +38,17 @@ def config(tiny_model_dir):
     return load_model_config(tiny_model_dir)
 
 
-def start_servers(loop, model_dir, placement, dtype="float32", copies=1, placement_version=0, own_loops=False):
+def start_servers(loop, model_dir, placement, dtype="float32", copies=1, placement_version=0, own_loops=False,
+                  auth=None):
     """copies servers per group, each loading only its group's experts -> (servers[g], StaticReplicas).
     All on `loop`, or with own_loops each on a loop of its own (`test_loop`), as deployed: a server
-    computes stream requests on its loop, so one that stalls there stalls only itself."""
+    computes stream requests on its loop, so one that stalls there stalls only itself. auth: each
+    server's DispatchAuth."""
     servers = {}
     for g in range(placement.num_groups):
         weights = load_weights(model_dir, dtype=dtype, dense=False, expert_ids=placement.experts_of(g))
-        servers[g] = [ExpertServer(weights.experts, g, placement_version=placement_version) for _ in range(copies)]
+        servers[g] = [ExpertServer(weights.experts, g, placement_version=placement_version, auth=auth)
+                      for _ in range(copies)]
     for group in servers.values():
         for s in group:
             s.test_loop = EventLoopThread(f"test-expert-server-{s.group}") if own_loops else loop
