@@ -56,10 +56,10 @@ class LocalChat:
 class RemoteChat:
     """A running server's OpenAI chat endpoint."""
 
-    def __init__(self, url: str, sampling: dict, enable_thinking: bool):
+    def __init__(self, url: str, sampling: dict, enable_thinking: bool, api_key: str | None = None):
         from glm_ray.client import ServerClient
 
-        self.client = ServerClient(url)
+        self.client = ServerClient(url, api_key=api_key)
         self.model = self.client.model()["id"]
         self.options = {("max_completion_tokens" if k == "max_tokens" else k): v for k, v in sampling.items()}
         self.options["chat_template_kwargs"] = {"enable_thinking": enable_thinking}

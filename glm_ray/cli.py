@@ -6,29 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
-    return value
-
-
-def number_in(low: float, high: float, *, low_open: bool = False):
-    """An argparse type: a float in [low, high] (or (low, high]), the message naming the value."""
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-        if not (low < value if low_open else low <= value) or value > high:
-            raise argparse.ArgumentTypeError(f"{value} must be in {'(' if low_open else '['}{low}, {high}]")
-        return value
-
-    return parse
+from glm_ray.argtypes import number_in, positive_int
 
 
 def _model_dir(args) -> Path:
@@ -71,22 +49,118 @@ def cmd_generate(args) -> int:
     return 0
 
 
-def cmd_serve(args) -> int:
-    from glm_ray.serving.local import serve_forever
+def set_path(data: dict, assignment: str) -> None:
+    """`--set a.b=VALUE`: VALUE read as YAML (numbers, lists, null), at the dotted path."""
+    import yaml
+
+    key, sep, text = assignment.partition("=")
+    if not sep or not key.strip():
+        raise SystemExit(f"glm-ray: error: --set {assignment!r}: expected FIELD=VALUE, e.g. "
+                         "--set attention_resources.num_cpus=2")
+    *parents, leaf = key.strip().split(".")
+    node = data
+    for i, part in enumerate(parents):
+        child = node.get(part) if isinstance(node, dict) else None
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise SystemExit(f"glm-ray: error: --set {key}: {'.'.join(parents[:i + 1])} is not a mapping")
+        node = child
+    try:
+        node[leaf] = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise SystemExit(f"glm-ray: error: --set {key}: cannot read the value {text!r} ({e})") from None
+
+
+def serve_config_of(args):
+    """The ServeConfig `glm-ray serve` and `glm-ray config` take: --config FILE (a ServeConfig YAML
+    or a Serve config file), then --set assignments, then the named flags."""
+    from pydantic import ValidationError
+
     from glm_ray.serving.config import ServeConfig
 
-    cfg = ServeConfig.from_yaml(args.config) if args.config else ServeConfig()
-    overrides = {k: v for k, v in dict(model=args.model, expert_groups=args.expert_groups,
-                                       attention_replicas=args.attention_replicas,
-                                       expert_replicas=args.expert_replicas, dtype=args.dtype, host=args.host,
-                                       http_port=args.http_port, grpc_port=args.grpc_port).items() if v is not None}
     try:
-        cfg = ServeConfig.model_validate({**cfg.model_dump(), **overrides})
+        cfg = ServeConfig.from_yaml(args.config) if args.config else ServeConfig()
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"glm-ray: error: --config {args.config}: {e}") from None
+    data = cfg.to_dict()
+    for assignment in args.set or []:
+        set_path(data, assignment)
+    overrides = dict(model=args.model, expert_groups=args.expert_groups, attention_replicas=args.attention_replicas,
+                     expert_replicas=args.expert_replicas, dtype=args.dtype, host=args.host, http_port=args.http_port,
+                     grpc_port=args.grpc_port, expert_host=args.expert_host,
+                     cluster_secret_file=args.cluster_secret_file, api_keys=args.api_key or None,
+                     grpc_enabled=False if args.no_grpc else None)
+    data.update({k: v for k, v in overrides.items() if v is not None})
+    try:
+        cfg = ServeConfig.model_validate(data)
+    except ValidationError as e:
+        first = e.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise SystemExit(f"glm-ray: error: {where}: {first['msg']} (given {first.get('input')!r})") from None
     except ValueError as e:
         raise SystemExit(f"glm-ray: error: {e}") from None
     if cfg.model is not None and not (Path(cfg.model) / "config.json").is_file():
         raise SystemExit(f"glm-ray: error: --model {cfg.model}: no config.json there")
-    return serve_forever(cfg)
+    return cfg
+
+
+def cmd_serve(args) -> int:
+    from glm_ray.serving.local import serve_forever
+
+    return serve_forever(serve_config_of(args))
+
+
+def cmd_config(args) -> int:
+    """Write a Serve config file (`serve deploy FILE`) from the same ServeConfig `glm-ray serve` uses."""
+    import os
+
+    from glm_ray.serving.credentials import new_cluster_secret
+    from glm_ray.serving.serve_file import render
+
+    cfg = serve_config_of(args)
+    if cfg.cluster_secret is None and cfg.cluster_secret_file is None and not args.no_cluster_secret:
+        # a fixed secret in the file keeps it across redeploys of the file
+        cfg = cfg.model_validate({**cfg.to_dict(), "cluster_secret": new_cluster_secret()})
+    header = ("glm-ray Serve config file, written by `glm-ray config`.\n"
+              "It holds the cluster secret (and API keys if set): keep it private (mode 0600).")
+    text = render(cfg, header)
+    if args.out in (None, "-"):
+        sys.stdout.write(text)
+        return 0
+    fd = os.open(args.out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.chmod(args.out, 0o600)
+    print(f"wrote {args.out} (mode 0600: it holds the cluster secret); deploy it with `serve deploy {args.out}`",
+          file=sys.stderr)
+    return 0
+
+
+def add_serve_flags(p: argparse.ArgumentParser) -> None:
+    """The flags `glm-ray serve` and `glm-ray config` share."""
+    p.add_argument("--model", default=None, help="checkpoint directory (default: the built-in tiny model, "
+                   "random weights)")
+    p.add_argument("--expert-groups", type=positive_int, default=None, help="G, number of expert groups")
+    p.add_argument("--attention-replicas", type=positive_int, default=None, help="N, attention replicas")
+    p.add_argument("--expert-replicas", type=positive_int, default=None, help="replicas per expert group")
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default=None)
+    p.add_argument("--host", default=None, help="HTTP bind address (default 127.0.0.1)")
+    p.add_argument("--http-port", type=int, default=None)
+    p.add_argument("--grpc-port", type=int, default=None, help="Serve's gRPC proxy port; it binds every interface")
+    p.add_argument("--no-grpc", action="store_true", help="start no gRPC proxy")
+    p.add_argument("--expert-host", default=None, help="bind address of the expert gRPC servers (0.0.0.0 on "
+                   "a cluster)")
+    p.add_argument("--api-key", action="append", default=None, metavar="KEY",
+                   help="require this client API key (repeat for several; default: $GLM_RAY_API_KEY, "
+                   "comma-separated)")
+    p.add_argument("--cluster-secret-file", default=None, metavar="FILE",
+                   help="read the dispatch plane's cluster secret from FILE (default: $GLM_RAY_CLUSTER_SECRET, "
+                   "else a random one)")
+    p.add_argument("--set", action="append", default=None, metavar="FIELD=VALUE",
+                   help="set any ServeConfig field, dotted for nested ones (e.g. --set "
+                   "expert_resources.resources.experts=1); repeatable")
+    p.add_argument("--config", default=None, help="a ServeConfig YAML or a Serve config file; flags override it")
 
 
 def _sampling(args) -> dict:
@@ -104,7 +178,7 @@ def cmd_chat(args) -> int:
         raise SystemExit("glm-ray: error: give --url (a running server) or --model (in-process), not both")
     try:
         if args.url:
-            session = RemoteChat(args.url, _sampling(args), not args.no_thinking)
+            session = RemoteChat(args.url, _sampling(args), not args.no_thinking, args.api_key)
         else:
             from glm_ray.config import ConfigError
             from glm_ray.model.loader import CheckpointError
@@ -123,7 +197,7 @@ def cmd_status(args) -> int:
     from glm_ray.client import ClientError, ServerClient, status_report
 
     try:
-        print(status_report(ServerClient(args.url)))
+        print(status_report(ServerClient(args.url, api_key=args.api_key)))
     except ClientError as e:
         raise SystemExit(f"glm-ray: error: --url {args.url}: {e}") from None
     return 0
@@ -138,46 +212,50 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="directory to write (replaced if it exists)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
-    p.add_argument("--shards", type=_positive_int, default=1, help="number of safetensors files")
+    p.add_argument("--shards", type=positive_int, default=1, help="number of safetensors files")
     p.set_defaults(func=cmd_make_model)
 
     p = sub.add_parser("generate", help="generate a continuation in-process (greedy)")
     p.add_argument("prompt")
     p.add_argument("--model", default=None, help="checkpoint directory (default: the built-in tiny model)")
-    p.add_argument("--max-tokens", type=_positive_int, default=32)
+    p.add_argument("--max-tokens", type=positive_int, default=32)
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("serve", help="serve a model on Ray Serve (starts a local Ray cluster without RAY_ADDRESS)")
-    p.add_argument("--model", default=None, help="checkpoint directory (default: the built-in tiny model)")
-    p.add_argument("--expert-groups", type=_positive_int, default=None, help="G, number of expert groups")
-    p.add_argument("--attention-replicas", type=_positive_int, default=None, help="N, attention replicas")
-    p.add_argument("--expert-replicas", type=_positive_int, default=None, help="replicas per expert group")
-    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default=None)
-    p.add_argument("--host", default=None, help="HTTP bind address (default 127.0.0.1)")
-    p.add_argument("--http-port", type=int, default=None)
-    p.add_argument("--grpc-port", type=int, default=None)
-    p.add_argument("--config", default=None, help="a ServeConfig YAML file; flags override it")
+    add_serve_flags(p)
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("config", help="write a Serve config file for `serve deploy` (the flags of `serve`)")
+    add_serve_flags(p)
+    p.add_argument("--out", default=None, metavar="FILE", help="write here (mode 0600) instead of stdout")
+    p.add_argument("--no-cluster-secret", action="store_true",
+                   help="write no cluster secret (default: a new random one, unless --cluster-secret-file): each "
+                   "deploy then uses $GLM_RAY_CLUSTER_SECRET where the app is built, else a random one")
+    p.set_defaults(func=cmd_config)
 
     p = sub.add_parser("chat", help="chat interactively, in-process or with a running server (--url)")
     p.add_argument("--url", default=None, metavar="http://HOST:PORT", help="a running glm-ray (or OpenAI) server")
     p.add_argument("--model", default=None, help="in-process: checkpoint directory (default: the built-in tiny model)")
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto", help="in-process compute dtype")
     p.add_argument("--system", default=None, help="a system message for the conversation")
-    p.add_argument("--max-tokens", type=_positive_int, default=None, help="most tokens per reply")
+    p.add_argument("--max-tokens", type=positive_int, default=None, help="most tokens per reply")
     p.add_argument("--temperature", type=number_in(0, 2), default=None, help="0 is greedy (default: the model's 1)")
     p.add_argument("--top-p", type=number_in(0, 1, low_open=True), default=None)
     p.add_argument("--no-thinking", action="store_true", help="ask GLM to answer without a thinking block")
+    p.add_argument("--api-key", default=None, help="with --url: the server's API key (default: $GLM_RAY_API_KEY)")
     p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser("status", help="deployments, expert groups and their load, from a running server")
     p.add_argument("--url", default="http://127.0.0.1:8000", help="the server (default http://127.0.0.1:8000)")
+    p.add_argument("--api-key", default=None, help="the server's API key (default: $GLM_RAY_API_KEY)")
     p.set_defaults(func=cmd_status)
 
     from glm_ray.bench.cli import add_bench_parser
 
     add_bench_parser(sub)
+    from glm_ray.plan import add_plan_parser
+    add_plan_parser(sub)
     return parser
 
 

@@ -13,14 +13,23 @@ class ClientError(RuntimeError):
     """The server could not be reached, or answered with an error (its message included)."""
 
 
+def auth_headers(api_key: str | None = None) -> dict[str, str]:
+    """`Authorization: Bearer KEY` for `api_key`, else for the first key in GLM_RAY_API_KEY; {} if none."""
+    from glm_ray.serving.api_keys import keys_from_env
+
+    key = api_key or next(iter(keys_from_env()), None)
+    return {"Authorization": f"Bearer {key}"} if key else {}
+
+
 class ServerClient:
-    def __init__(self, url: str, timeout_s: float = 30.0):
+    def __init__(self, url: str, timeout_s: float = 30.0, api_key: str | None = None):
         self.url = url.rstrip("/")
         self.timeout_s = timeout_s
+        self.headers = auth_headers(api_key)
 
     def _get(self, path: str) -> requests.Response:
         try:
-            return requests.get(f"{self.url}{path}", timeout=self.timeout_s)
+            return requests.get(f"{self.url}{path}", timeout=self.timeout_s, headers=self.headers)
         except requests.RequestException as e:
             raise ClientError(f"cannot reach {self.url}: {e}") from None
 
@@ -43,6 +52,8 @@ class ServerClient:
     def metrics(self) -> dict[str, float]:
         """Prometheus samples without labels or with one label, as {"name{label}": value}."""
         r = self._get("/metrics")
+        if r.status_code != 200:
+            raise ClientError(f"/metrics: {_error_message(r)}")
         out = {}
         for line in r.text.splitlines():
             if line and not line.startswith("#"):
@@ -57,7 +68,8 @@ class ServerClient:
         """Stream one assistant turn: ("reasoning" | "content", text) pieces, then ("finish", reason)."""
         body = {"model": model, "messages": messages, "stream": True, **options}
         try:
-            r = requests.post(f"{self.url}/v1/chat/completions", json=body, stream=True, timeout=3600)
+            r = requests.post(f"{self.url}/v1/chat/completions", json=body, stream=True, timeout=3600,
+                              headers=self.headers)
         except requests.RequestException as e:
             raise ClientError(f"cannot reach {self.url}: {e}") from None
         with r:

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from glm_ray.bench import stats
-from glm_ray.cli import _positive_int, number_in
+from glm_ray.argtypes import number_in, positive_int
 from glm_ray.bench.isolate import run_in_child
 from glm_ray.bench.report import compare, format_table, load_average, mean_ratio, new_report
 from glm_ray.bench.workloads import SPECS, make_workload
@@ -32,13 +32,14 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="compute dtype of both systems")
     p.add_argument("--url", default=None, metavar="http://HOST:PORT",
                    help="load a running glm-ray server (its /v1/completions, streamed) instead of in-process systems")
-    p.add_argument("--concurrency", type=_positive_int, default=None,
+    p.add_argument("--api-key", default=None, help="with --url: the server's API key (default: $GLM_RAY_API_KEY)")
+    p.add_argument("--concurrency", type=positive_int, default=None,
                    help="with --url: requests in flight at once (default: the workload's 64)")
     p.add_argument("--no-baseline", action="store_true", help="skip transformers")
     p.add_argument("--distributed", action="store_true",
                    help="also run the disaggregated app (expert groups over gRPC) on a local Ray cluster")
-    p.add_argument("--expert-groups", type=_positive_int, default=2, help="G of the --distributed run")
-    p.add_argument("--attention-cpus", type=_positive_int, default=None,
+    p.add_argument("--expert-groups", type=positive_int, default=2, help="G of the --distributed run")
+    p.add_argument("--attention-cpus", type=positive_int, default=None,
                    help="--distributed: CPUs reserved by the attention replica, and its threads sharing "
                         "each layer's attention (default: every core)")
     p.add_argument("--stream", action="store_true",
@@ -46,20 +47,20 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
                         "request and step); default whole requests, as the offline engine run returns them")
     p.add_argument("--no-flops", action="store_true", help="skip the matmul peak and decode-step FLOP/s measurement")
     p.add_argument("--output", default=None, metavar="FILE.json", help="write the full JSON report here")
-    p.add_argument("--num-requests", type=_positive_int, default=None,
+    p.add_argument("--num-requests", type=positive_int, default=None,
                    help="use only the first N requests of each workload (a quick smoke run)")
     p.add_argument("--scale", type=number_in(0, 1, low_open=True), default=1.0,
                    help="shrink each workload's request count and lengths by this factor in (0, 1]")
     p.add_argument("--seed", type=int, default=0, help="seed of the request sets")
-    p.add_argument("--repeat", type=_positive_int, default=1,
+    p.add_argument("--repeat", type=positive_int, default=1,
                    help="run each system this many times, alternating, and report each one's best run "
                         "(a busy machine only ever slows a run down)")
-    p.add_argument("--kv-cache-mib", type=_positive_int, default=2048,
+    p.add_argument("--kv-cache-mib", type=positive_int, default=2048,
                    help="the engine's KV cache size in MiB (allocated up front, so it shows in its peak RSS)")
-    p.add_argument("--threads", type=_positive_int, default=None,
+    p.add_argument("--threads", type=positive_int, default=None,
                    help="torch threads in each measured process (default: torch's choice, one per core)")
-    p.add_argument("--decode-batch", type=_positive_int, default=64, help="batch of the decode-step FLOP measurement")
-    p.add_argument("--matmul-size", type=_positive_int, default=2048, help="n of the n^3 matmul peak measurement")
+    p.add_argument("--decode-batch", type=positive_int, default=64, help="batch of the decode-step FLOP measurement")
+    p.add_argument("--matmul-size", type=positive_int, default=2048, help="n of the n^3 matmul peak measurement")
     p.set_defaults(func=run_bench)
     return p
 
@@ -145,7 +146,7 @@ def run_url_bench(args) -> int:
     from glm_ray.bench.online import ServerError, run_online, served_model
 
     try:
-        info = served_model(args.url)
+        info = served_model(args.url, args.api_key)
     except ServerError as e:
         raise SystemExit(f"glm-ray: error: --url {args.url}: {e}") from None
     report = new_report(sys.argv, f"{args.url} ({info['id']})", args.dtype, args.seed)
@@ -155,7 +156,8 @@ def run_url_bench(args) -> int:
         _log(f"workload {name}: {workload.num_requests} requests, {workload.num_output_tokens} output tokens "
              f"to {args.url}, at most {args.concurrency or workload.max_num_seqs} at once")
         try:
-            run = run_online(args.url, workload, progress=sys.stderr.isatty(), concurrency=args.concurrency)
+            run = run_online(args.url, workload, progress=sys.stderr.isatty(), concurrency=args.concurrency,
+                             api_key=args.api_key)
         except ServerError as e:
             raise SystemExit(f"glm-ray: error: {e}") from None
         report["workloads"][name] = {"workload": workload.summary(), "server": stats.summarize_run(run)}

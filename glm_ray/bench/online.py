@@ -16,16 +16,17 @@ import time
 import requests
 
 from glm_ray.bench.workloads import Workload
+from glm_ray.client import auth_headers
 
 
 class ServerError(RuntimeError):
     pass
 
 
-def served_model(url: str) -> dict:
+def served_model(url: str, api_key: str | None = None) -> dict:
     """The first entry of the server's /v1/models (id, max_model_len, vocab_size)."""
     try:
-        r = requests.get(f"{url}/v1/models", timeout=30)
+        r = requests.get(f"{url}/v1/models", timeout=30, headers=auth_headers(api_key))
     except requests.RequestException as e:
         raise ServerError(f"cannot reach {url}: {e}") from None
     if r.status_code != 200:
@@ -57,9 +58,10 @@ def _stream_one(session: requests.Session, url: str, model: str, prompt: list[in
     return ttft, times, ids
 
 
-def run_online(url: str, workload: Workload, progress: bool = False, concurrency: int | None = None) -> dict:
+def run_online(url: str, workload: Workload, progress: bool = False, concurrency: int | None = None,
+               api_key: str | None = None) -> dict:
     url = url.rstrip("/")
-    model = served_model(url)["id"]
+    model = served_model(url, api_key)["id"]
     jobs: queue.Queue = queue.Queue()
     for i, (prompt, n) in enumerate(zip(workload.prompts, workload.output_lens)):
         jobs.put((i, list(prompt), n))
@@ -75,6 +77,7 @@ def run_online(url: str, workload: Workload, progress: bool = False, concurrency
 
     def worker():
         session = requests.Session()
+        session.headers.update(auth_headers(api_key))
         while not errors:
             try:
                 i, prompt, n = jobs.get_nowait()

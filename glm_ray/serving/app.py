@@ -14,6 +14,7 @@ from glm_ray.config import load_model_config
 from glm_ray.router.placement import Placement
 from glm_ray.serving.attention import AttentionReplica
 from glm_ray.serving.config import ServeConfig
+from glm_ray.serving.credentials import dispatch_auth, resolve_api_keys
 from glm_ray.serving.expert_group import ExpertGroup
 from glm_ray.serving.ingress import Ingress
 from glm_ray.serving.router import ExpertRouter
@@ -50,6 +51,7 @@ def build_app(config: ServeConfig | dict) -> Application:
     # no per-call access logs: the router alone would log every heartbeat
     shutdown = dict(graceful_shutdown_timeout_s=cfg.graceful_shutdown_timeout_s,
                     logging_config={"enable_access_log": False})
+    auth = dispatch_auth(cfg)  # one secret for every deployment of this app
 
     router = ExpertRouter.options(ray_actor_options=cfg.router_resources.ray_actor_options(), **shutdown).bind(
         placement.to_dict(), cfg.expert_groups, cfg.heartbeat_ttl_s)
@@ -57,7 +59,7 @@ def build_app(config: ServeConfig | dict) -> Application:
         ExpertGroup.options(name=f"ExpertGroup_{g}", num_replicas=cfg.replicas_of_group(g),
                             ray_actor_options=cfg.expert_resources.ray_actor_options(), **shutdown).bind(
             model_dir, g, placement.experts_of(g), cfg.dtype, router, cfg.expert_host, cfg.heartbeat_interval_s,
-            cfg.threads_for(cfg.expert_resources))
+            cfg.threads_for(cfg.expert_resources), dispatch_auth=auth)
         for g in range(cfg.expert_groups)
     ]
     engine_options = dict(dtype=cfg.dtype, kv_cache_memory=cfg.kv_cache_memory, max_num_seqs=cfg.max_num_seqs,
@@ -67,7 +69,8 @@ def build_app(config: ServeConfig | dict) -> Application:
         name="AttentionReplica", num_replicas=cfg.attention_replicas, max_ongoing_requests=cfg.max_ongoing_requests,
         ray_actor_options=cfg.attention_resources.ray_actor_options(), **shutdown).bind(
         model_dir, engine_options, placement.to_dict(), router, cfg.snapshot_refresh_s, cfg.expert_wait_s,
-        cfg.threads_for(cfg.attention_resources))
+        cfg.threads_for(cfg.attention_resources), dispatch_auth=auth)
     model_name = cfg.served_model_name or (Path(model_dir).name if cfg.model else DEFAULT_MODEL_NAME)
     return Ingress.options(ray_actor_options=cfg.ingress_resources.ray_actor_options(), **shutdown).bind(
-        attention, router, groups, model_dir, model_name, engine_options, cfg.max_body_bytes, cfg.max_pending_requests)
+        attention, router, groups, model_dir, model_name, engine_options, cfg.max_body_bytes, cfg.max_pending_requests,
+        api_keys=resolve_api_keys(cfg))

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 
 
 class Resources(BaseModel):
@@ -27,6 +27,20 @@ class Resources(BaseModel):
         if self.resources:
             opts["resources"] = dict(self.resources)
         return opts
+
+
+class DispatchTLS(BaseModel):
+    """TLS for the dispatch plane (attention replicas -> expert-group replicas). Every node needs
+    these files at the same paths. Without it the channel is plaintext, authenticated by the
+    cluster secret alone: keep it on a private network."""
+
+    model_config = ConfigDict(extra="forbid")
+    cert_file: str = Field(description="PEM certificate the expert servers present")
+    key_file: str = Field(description="PEM private key of that certificate")
+    ca_file: str | None = Field(None, description="PEM CA bundle attention replicas verify the servers with; "
+                                "default the certificate itself (a self-signed one)")
+    server_name: str | None = Field(None, description="the name the certificate was issued for, checked by "
+                                    "clients instead of the server's IP address (e.g. glm-ray-experts)")
 
 
 class ServeConfig(BaseModel):
@@ -56,6 +70,23 @@ class ServeConfig(BaseModel):
     max_body_bytes: int = Field(32 << 20, ge=1, description="HTTP request bodies above this get 413")
     max_pending_requests: int = Field(256, ge=1, description="requests in flight at the ingress before 429")
 
+    grpc_enabled: bool = Field(True, description="start Serve's gRPC proxy; it binds every interface "
+                               "([::]:grpc_port) whatever `host` says, as Serve allows no other address: turn it "
+                               "off, or set api_keys, where that port is reachable")
+    api_keys: list[SecretStr] = Field(default_factory=list, description="client API keys: when any is set, "
+                                      "HTTP needs `Authorization: Bearer KEY` (else 401) and gRPC `authorization` "
+                                      "metadata (else UNAUTHENTICATED) on every route but /health; empty: "
+                                      "api_keys_file, else GLM_RAY_API_KEY (comma-separated) where the app is built")
+    api_keys_file: str | None = Field(None, description="a file of client API keys, one per line (the same on "
+                                      "every node: Serve may build the app on any of them)")
+    cluster_secret: SecretStr | None = Field(None, description="shared secret every ExpertService call carries, "
+                                             "checked by expert servers in constant time; None: "
+                                             "cluster_secret_file, else GLM_RAY_CLUSTER_SECRET where the app is "
+                                             "built, else a random one per deployment. Set it for a secret that "
+                                             "survives redeploys")
+    cluster_secret_file: str | None = Field(None, description="a file holding the cluster secret (first line)")
+    dispatch_tls: DispatchTLS | None = Field(None, description="TLS on the dispatch plane; None: plaintext")
+
     heartbeat_interval_s: float = Field(0.5, gt=0, description="how often expert replicas heartbeat the router")
     heartbeat_ttl_s: float = Field(3.0, gt=0, description="a replica silent this long leaves the routing table")
     snapshot_refresh_s: float = Field(1.0, gt=0, description="how often attention replicas refresh the table")
@@ -66,10 +97,15 @@ class ServeConfig(BaseModel):
                                       "group's torch threads; an attention replica's threads sharing each layer's "
                                       "attention calls (its torch runs one)")
 
-    attention_resources: Resources = Field(default_factory=Resources)
-    expert_resources: Resources = Field(default_factory=Resources)
-    router_resources: Resources = Field(default_factory=lambda: Resources(num_cpus=0.1))
-    ingress_resources: Resources = Field(default_factory=lambda: Resources(num_cpus=0.1))
+    attention_resources: Resources = Field(default_factory=Resources, description="per attention replica; on a "
+                                           "cluster add resources: {attention: 1} (and num_gpus) to place it on "
+                                           "attention nodes")
+    expert_resources: Resources = Field(default_factory=Resources, description="per expert-group replica; on a "
+                                        "cluster add resources: {experts: 1} (and num_gpus)")
+    router_resources: Resources = Field(default_factory=lambda: Resources(num_cpus=0.1),
+                                        description="the router (one replica, off the hot path)")
+    ingress_resources: Resources = Field(default_factory=lambda: Resources(num_cpus=0.1),
+                                         description="the ingress (HTTP app, gRPC service, tokenizer)")
     graceful_shutdown_timeout_s: float = Field(5.0, ge=0, description="Serve's drain limit per replica")
 
     @field_validator("expert_replicas")
@@ -91,10 +127,37 @@ class ServeConfig(BaseModel):
                              f"{self.expert_groups} expert groups")
         return self.expert_replicas[group]
 
+    def to_dict(self, *, reveal_secrets: bool = True) -> dict:
+        """Plain data for YAML; secrets written out in full unless `reveal_secrets` is False."""
+        out = self.model_dump(mode="json")
+        if reveal_secrets:
+            out["api_keys"] = [k.get_secret_value() for k in self.api_keys]
+            out["cluster_secret"] = self.cluster_secret.get_secret_value() if self.cluster_secret else None
+        return out
+
     def to_yaml(self) -> str:
-        return yaml.safe_dump(self.model_dump(), sort_keys=False)
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
     @classmethod
     def from_yaml(cls, text_or_path: str | Path) -> ServeConfig:
-        text = Path(text_or_path).read_text() if Path(str(text_or_path)).is_file() else str(text_or_path)
-        return cls.model_validate(yaml.safe_load(text) or {})
+        """A ServeConfig YAML, or a Serve config file (`applications:` with this package's
+        `build_app` as import_path; its `args` are the ServeConfig), as text or a path."""
+        text = str(text_or_path)
+        if "\n" not in text and Path(text).is_file():
+            text = Path(text).read_text()
+        data = yaml.safe_load(text) or {}
+        if isinstance(data, dict) and "applications" in data:
+            data = args_of_serve_config(data)
+        return cls.model_validate(data)
+
+
+BUILD_APP = "glm_ray.serving.app:build_app"
+
+
+def args_of_serve_config(data: dict) -> dict:
+    """The ServeConfig args of the one glm-ray application in a Serve config file."""
+    apps = [a for a in data.get("applications") or [] if isinstance(a, dict) and a.get("import_path") == BUILD_APP]
+    if len(apps) != 1:
+        raise ValueError(f"a Serve config file given as a glm-ray config must hold exactly one application with "
+                         f"import_path {BUILD_APP}; found {len(apps)}")
+    return apps[0].get("args") or {}

@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator
 import grpc
 from pydantic import BaseModel, ValidationError
 
+from glm_ray.serving.api_keys import ApiKeys
 from glm_ray.serving.openai.chat import chat_events, start_chat
 from glm_ray.serving.openai.completions import prompts_of, token_text
 from glm_ray.serving.openai.errors import OpenAIError, from_exception, from_validation_error
@@ -27,7 +28,7 @@ from glm_ray.serving.openai.schemas import DEFAULT_MAX_TOKENS, ChatCompletionReq
 from glm_ray.serving.openai.streams import merge, open_streams
 from glm_ray.v1 import generate_pb2 as pb
 
-STATUS_CODES = {400: grpc.StatusCode.INVALID_ARGUMENT, 404: grpc.StatusCode.NOT_FOUND,
+STATUS_CODES = {400: grpc.StatusCode.INVALID_ARGUMENT, 401: grpc.StatusCode.UNAUTHENTICATED, 404: grpc.StatusCode.NOT_FOUND,
                 413: grpc.StatusCode.RESOURCE_EXHAUSTED, 429: grpc.StatusCode.RESOURCE_EXHAUSTED,
                 503: grpc.StatusCode.UNAVAILABLE}
 
@@ -85,25 +86,32 @@ def _logprobs(tokenizer, token_ids: list[int], entries: list[dict] | None) -> li
 
 
 class GenerationService:
-    """`Generate` and `Chat` as async generators of response messages; they raise GrpcError."""
+    """`Generate` and `Chat` as async generators of response messages; they raise GrpcError.
+    `authorization` is the call's `authorization` metadata, checked when API keys are set."""
 
-    def __init__(self, backend, metrics: Metrics | None = None, admission: Admission | None = None):
+    def __init__(self, backend, metrics: Metrics | None = None, admission: Admission | None = None,
+                 api_keys: ApiKeys | None = None):
         self.backend = backend
         self.metrics = metrics or Metrics()
         self.admission = admission or Admission(256)
+        self.api_keys = api_keys or ApiKeys()
 
-    async def generate(self, request: pb.GenerateRequest) -> AsyncIterator[pb.GenerateResponse]:
-        async for message in self._admitted("Generate", self._generate(request)):
+    async def generate(self, request: pb.GenerateRequest,
+                       authorization: str | None = None) -> AsyncIterator[pb.GenerateResponse]:
+        async for message in self._admitted("Generate", self._generate(request), authorization):
             yield message
 
-    async def chat(self, request: pb.ChatRequest) -> AsyncIterator[pb.ChatResponse]:
-        async for message in self._admitted("Chat", self._chat(request)):
+    async def chat(self, request: pb.ChatRequest, authorization: str | None = None) -> AsyncIterator[pb.ChatResponse]:
+        async for message in self._admitted("Chat", self._chat(request), authorization):
             yield message
 
-    async def _admitted(self, method: str, messages: AsyncIterator) -> AsyncIterator:
-        """Admission control and the request counter around one call."""
+    async def _admitted(self, method: str, messages: AsyncIterator, authorization: str | None) -> AsyncIterator:
+        """API key, admission control and the request counter around one call."""
         status = grpc.StatusCode.OK
         try:
+            problem = self.api_keys.problem(authorization)
+            if problem is not None:
+                raise GrpcError(grpc.StatusCode.UNAUTHENTICATED, problem)
             busy = self.admission.busy_error()
             if busy is not None:
                 raise GrpcError(grpc.StatusCode.RESOURCE_EXHAUSTED, busy.message)

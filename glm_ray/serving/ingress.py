@@ -10,6 +10,7 @@ from fastapi.responses import StreamingResponse
 from ray import serve
 
 from glm_ray.engine.sampling_params import SamplingParams
+from glm_ray.serving.api_keys import ApiKeys
 from glm_ray.serving.grpc_service import GenerationService, GrpcError
 from glm_ray.serving.openai.app import create_app
 from glm_ray.serving.openai.errors import error_response, from_exception
@@ -97,24 +98,33 @@ class Ingress:
     and gRPC share the backend, the metrics and the requests-in-flight limit."""
 
     def __init__(self, attention, router, expert_groups: list, model_dir: str, model_name: str,
-                 engine_options: dict, max_body_bytes: int = 32 << 20, max_pending_requests: int = 256):
+                 engine_options: dict, max_body_bytes: int = 32 << 20, max_pending_requests: int = 256,
+                 api_keys: list[str] | None = None):
         self.expert_groups = expert_groups  # part of the app graph, so Serve deploys them
         self.backend = ServeBackend(attention, router, model_dir, model_name, engine_options)
         self.metrics, self.admission = Metrics(), Admission(max_pending_requests)
         self.max_body_bytes = max_body_bytes
-        self.grpc = GenerationService(self.backend, self.metrics, self.admission)
+        self.api_keys = ApiKeys(api_keys or [])
+        self.grpc = GenerationService(self.backend, self.metrics, self.admission, self.api_keys)
 
     def __serve_build_asgi_app__(self):
         return build_ingress_app(self.backend, max_body_bytes=self.max_body_bytes, metrics=self.metrics,
-                                 admission=self.admission)
+                                 admission=self.admission, api_keys=self.api_keys)
 
     async def Generate(self, request, grpc_context=None):  # noqa: N802 - the rpc's name
-        async for message in _with_status(self.grpc.generate(request), grpc_context):
+        async for message in _with_status(self.grpc.generate(request, _authorization(grpc_context)), grpc_context):
             yield message
 
     async def Chat(self, request, grpc_context=None):  # noqa: N802 - the rpc's name
-        async for message in _with_status(self.grpc.chat(request), grpc_context):
+        async for message in _with_status(self.grpc.chat(request, _authorization(grpc_context)), grpc_context):
             yield message
+
+
+def _authorization(grpc_context) -> str | None:
+    """The call's `authorization` metadata (Serve's proxy hands the client's metadata over)."""
+    if grpc_context is None:
+        return None
+    return next((v for k, v in grpc_context.invocation_metadata() if k.lower() == "authorization"), None)
 
 
 async def _with_status(messages, grpc_context):

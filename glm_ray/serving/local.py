@@ -7,8 +7,7 @@ import signal
 import sys
 import time
 
-APP_NAME = "glm-ray"
-GRPC_SERVICERS = ["glm_ray.v1.generate_pb2_grpc.add_GenerationServicer_to_server"]
+from glm_ray.serving.serve_file import APP_NAME, grpc_options, http_options
 
 
 def start(cfg, *, ready_timeout_s: float = 300.0):
@@ -21,14 +20,15 @@ def start(cfg, *, ready_timeout_s: float = 300.0):
 
     started_ray = False
     if not ray.is_initialized():
-        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
         if os.environ.get("RAY_ADDRESS"):
+            # someone else's cluster keeps its own authentication (Ray's token, on by default)
             ray.init(address=os.environ["RAY_ADDRESS"])
         else:
+            # a cluster of our own, on loopback, that lives and dies with this process
+            os.environ.setdefault("RAY_AUTH_MODE", "disabled")
             ray.init(include_dashboard=False, num_cpus=max(os.cpu_count() or 1, 4))
             started_ray = True
-    serve.start(http_options={"host": cfg.host, "port": cfg.http_port},
-                grpc_options={"port": cfg.grpc_port, "grpc_servicer_functions": GRPC_SERVICERS})
+    serve.start(http_options=http_options(cfg), grpc_options=grpc_options(cfg))
     serve.run(build_app(cfg), name=APP_NAME, route_prefix="/", blocking=False)
     router = serve.get_deployment_handle("ExpertRouter", app_name=APP_NAME)
     deadline = time.monotonic() + ready_timeout_s
@@ -59,14 +59,32 @@ def model_name(cfg) -> str:
     return Path(cfg.model).name if cfg.model else DEFAULT_MODEL_NAME
 
 
+def banner(cfg) -> str:
+    from glm_ray.serving.credentials import resolve_api_keys
+
+    lines = [f"glm-ray serving {cfg.model or 'the built-in tiny model'}: {cfg.expert_groups} expert group(s), "
+             f"{cfg.attention_replicas} attention replica(s)"]
+    if cfg.model is None:
+        lines += ["  NOTE: the built-in model has random weights, so its text is noise: it shows the server works.",
+                  "        Serve a real checkpoint directory with: glm-ray serve --model /path/to/GLM-4.6"]
+    base = f"http://{cfg.host}:{cfg.http_port}"
+    lines.append(f"  OpenAI API  {base}/v1  (model: {cfg.served_model_name or model_name(cfg)})")
+    if cfg.grpc_enabled:
+        lines.append(f"  gRPC        127.0.0.1:{cfg.grpc_port}  (glm_ray.v1.Generation: Generate, Chat); Serve's gRPC "
+                     f"proxy listens on ALL interfaces ([::]:{cfg.grpc_port}) whatever --host says; --no-grpc "
+                     "turns it off")
+    else:
+        lines.append("  gRPC        off (--no-grpc)")
+    lines.append(f"  health      {base}/health   metrics: {base}/metrics   experts: {base}/v1/experts")
+    keys = resolve_api_keys(cfg)
+    lines.append(f"  API keys    {len(keys)} configured: every route but /health needs `Authorization: Bearer KEY`"
+                 if keys else "  API keys    none: anyone who reaches these ports can use them (--api-key sets one)")
+    return "\n".join(lines)
+
+
 def serve_forever(cfg) -> int:
     started_ray = start(cfg)
-    print(f"glm-ray serving {cfg.model or 'the built-in tiny model'}: {cfg.expert_groups} expert group(s), "
-          f"{cfg.attention_replicas} attention replica(s)")
-    base = f"http://{cfg.host}:{cfg.http_port}"
-    print(f"  OpenAI API  {base}/v1  (model: {cfg.served_model_name or model_name(cfg)})")
-    print(f"  gRPC        {cfg.host}:{cfg.grpc_port}  (glm_ray.v1.Generation: Generate, Chat)")
-    print(f"  health      {base}/health   metrics: {base}/metrics   experts: {base}/v1/experts")
+    print(banner(cfg))
     print("Ctrl-C to stop.", flush=True)
     stopping = []
     # both handled explicitly: a shell starting us in the background leaves SIGINT ignored

@@ -43,7 +43,9 @@ class ServeBackend:
             problems.append(f"no attention replica answered within {ATTENTION_PROBE_S:.0f} s ({type(e).__name__})")
         if status["missing_groups"]:
             problems.append(f"expert groups without a live replica: {status['missing_groups']}")
-        detail = {"status": "; ".join(problems) or "ok", "model": self.model_name, "replicas": status["replicas"]}
+        # replica counts, not addresses: /health stays open when API keys guard everything else
+        detail = {"status": "; ".join(problems) or "ok", "model": self.model_name,
+                  "replicas": {g: len(a) for g, a in status["replicas"].items()}}
         return not problems, detail
 
     async def experts(self) -> dict:

@@ -1,15 +1,13 @@
 """The README's query examples, as written, against `glm-ray serve` (what `make serve` runs) on the
 default ports, and Ctrl-C shutting it down cleanly."""
 
-import os
 import re
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
+from serve_process import ServeProcess
 
 README = Path(__file__).parents[2] / "README.md"
 
@@ -28,26 +26,12 @@ def readme_examples() -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def served():
-    proc = subprocess.Popen([sys.executable, "-m", "glm_ray.cli", "serve"], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, env={**os.environ, "RAY_AUTH_MODE": "disabled"},
-                            start_new_session=True)
-    lines = []
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        if not line and proc.poll() is not None:
-            break
-        lines.append(line)
-        if "Ctrl-C to stop." in line:
-            break
-    else:
-        proc.kill()
-    if proc.poll() is not None or "Ctrl-C to stop." not in "".join(lines):
-        proc.kill()
-        pytest.fail("glm-ray serve did not come up:\n" + "".join(lines[-40:]))
-    yield proc, "".join(lines)
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGKILL)
+    try:
+        server = ServeProcess()
+    except RuntimeError as e:
+        pytest.fail(str(e))
+    yield server
+    server.kill()
 
 
 def _run(cmd: list[str]) -> str:
@@ -57,14 +41,14 @@ def _run(cmd: list[str]) -> str:
 
 
 def test_readme_examples_work_as_written(served):
-    proc, banner = served
+    banner = served.banner
     assert "http://127.0.0.1:8000/v1" in banner and "127.0.0.1:9000" in banner
+    assert "random weights" in banner and "--model" in banner  # a new user is told why the text is noise
     examples = readme_examples()
     completion = _run(["bash", "-c", examples["curl"]])
     assert '"object": "text_completion"' in completion or '"object":"text_completion"' in completion
     assert _run([sys.executable, "-c", examples["openai"]]).strip()
     assert _run([sys.executable, "-c", examples["grpc"]]).strip()  # streamed Generate and Chat text
 
-    proc.send_signal(signal.SIGINT)  # Ctrl-C
-    assert proc.wait(timeout=120) == 0
-    assert "shutting down" in proc.stdout.read()
+    code, output = served.interrupt()  # Ctrl-C
+    assert code == 0 and "shutting down" in output

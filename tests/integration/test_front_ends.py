@@ -1,6 +1,8 @@
 """The public APIs of the disaggregated app on a local Ray cluster: OpenAI-compatible HTTP with the
 official `openai` client and raw requests, and gRPC through Serve's proxy with a stub built from
-the project's protos. Every error is followed by a request that still succeeds."""
+the project's protos. Every error is followed by a request that still succeeds. The app runs with
+an API key and a fixed cluster secret: requests without the key, and dispatch calls without the
+secret, are refused."""
 
 import json
 import os
@@ -23,21 +25,25 @@ openai = pytest.importorskip("openai")
 
 MAX_PENDING = 2  # small, so overload is easy to reach: the tests below send one request at a time
 MAX_BODY = 1 << 20
-METADATA = (("application", "glm-ray"),)  # Serve's gRPC proxy routes by application name
+API_KEY = "front-ends-test-key-0123"
+CLUSTER_SECRET = "front-ends-cluster-secret-0123456789"
+AUTH = {"Authorization": f"Bearer {API_KEY}"}
+# Serve's gRPC proxy routes by application name; the key goes as `authorization` metadata
+METADATA = (("application", "glm-ray"), ("authorization", f"Bearer {API_KEY}"))
 
 
 @pytest.fixture(scope="module")
 def server(ray_serve, tiny_model_dir):
     deploy(ServeConfig(model=str(tiny_model_dir), served_model_name="glm-tiny", expert_groups=2, dtype="float32",
                        kv_cache_memory=32 << 20, max_model_len=4096, max_pending_requests=MAX_PENDING,
-                       max_body_bytes=MAX_BODY), ray_serve)
+                       max_body_bytes=MAX_BODY, api_keys=[API_KEY], cluster_secret=CLUSTER_SECRET), ray_serve)
     yield ray_serve
     undeploy()
 
 
 @pytest.fixture(scope="module")
 def client(server):
-    return openai.OpenAI(base_url=f"{server}/v1", api_key="unused", max_retries=0)
+    return openai.OpenAI(base_url=f"{server}/v1", api_key=API_KEY, max_retries=0)
 
 
 @pytest.fixture(scope="module")
@@ -109,7 +115,7 @@ def test_chat_whole_and_streamed_completion_with_logprobs(client, llm):
     ({"model": "nope", "prompt": "hi"}, 404),
 ])
 def test_errors_then_a_good_request(server, client, body, status):
-    r = requests.post(f"{server}/v1/completions", json=body, timeout=60)
+    r = requests.post(f"{server}/v1/completions", json=body, headers=AUTH, timeout=60)
     assert r.status_code == status
     err = r.json()["error"]
     assert err["message"] and err["type"] and err["code"] == status
@@ -119,16 +125,63 @@ def test_errors_then_a_good_request(server, client, body, status):
 
 def test_health_metrics_experts(server):
     assert requests.get(f"{server}/health", timeout=30).status_code == 200
-    experts = requests.get(f"{server}/v1/experts", timeout=30).json()
+    experts = requests.get(f"{server}/v1/experts", headers=AUTH, timeout=30).json()
     assert experts["placement"]["groups"] == [[0, 1, 2, 3], [4, 5, 6, 7]]
     assert all(len(a) == 1 for a in experts["replicas"].values())
-    metrics = requests.get(f"{server}/metrics", timeout=30).text
+    metrics = requests.get(f"{server}/metrics", headers=AUTH, timeout=30).text
     assert "glm_ray" in metrics
+
+
+def test_without_the_api_key_only_health_answers(server, grpc_stub):
+    health = requests.get(f"{server}/health", timeout=30)
+    assert health.status_code == 200 and health.json()["replicas"] == {"0": 1, "1": 1}  # counts, no addresses
+    experts = requests.get(f"{server}/v1/experts", headers=AUTH, timeout=30).json()
+    addresses = [a for group in experts["replicas"].values() for a in group]
+    for headers in ({}, {"Authorization": "Bearer not-the-key"}):
+        for method, path in [("get", "/v1/models"), ("get", "/v1/experts"), ("get", "/metrics"),
+                             ("post", "/v1/completions"), ("post", "/v1/chat/completions"), ("post", "/v1/generate")]:
+            r = requests.request(method, f"{server}{path}", json={"model": "glm-tiny", "prompt": "hi"},
+                                 headers=headers, timeout=30)
+            assert r.status_code == 401, (path, headers)
+            assert r.json()["error"]["type"] == "invalid_request_error" and "API key" in r.json()["error"]["message"]
+            assert not any(a in r.text for a in addresses)  # expert addresses are not served
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=f"{server}/v1", api_key="not-the-key", max_retries=0).completions.create(
+            model="glm-tiny", prompt="hi", max_tokens=2)
+    for metadata in [(("application", "glm-ray"),), (("application", "glm-ray"), ("authorization", "Bearer no"))]:
+        with pytest.raises(grpc.RpcError) as info:
+            list(grpc_stub.Generate(pb.GenerateRequest(prompt="hi"), metadata=metadata))
+        assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    for path in ["/health", "/v1/experts", "/metrics"]:  # the cluster secret is nowhere to be read
+        assert CLUSTER_SECRET not in requests.get(f"{server}{path}", headers=AUTH, timeout=30).text
+
+
+def test_expert_replicas_refuse_dispatch_without_the_cluster_secret(server):
+    """An expert replica's port, read from /v1/experts, answers nothing and computes nothing for a
+    caller without the cluster secret."""
+    from glm_ray.experts.auth import SECRET_METADATA_KEY
+    from glm_ray.v1 import experts_pb2 as epb
+    from glm_ray.v1 import experts_pb2_grpc as epb_grpc
+
+    address = requests.get(f"{server}/v1/experts", headers=AUTH, timeout=30).json()["replicas"]["0"][0]
+    with grpc.insecure_channel(address) as channel:
+        stub = epb_grpc.ExpertServiceStub(channel)
+        ok = ((SECRET_METADATA_KEY, CLUSTER_SECRET),)
+        calls = stub.Ping(epb.PingRequest(), metadata=ok, timeout=10).num_calls
+        request = epb.ForwardRequest(layer=1, request_id=1)
+        for metadata in [(), ((SECRET_METADATA_KEY, "wrong-secret-0123456789"),)]:
+            for call in (lambda: stub.Forward(request, metadata=metadata, timeout=10),
+                         lambda: stub.Ping(epb.PingRequest(), metadata=metadata, timeout=10)):
+                with pytest.raises(grpc.RpcError) as info:
+                    call()
+                assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+                assert CLUSTER_SECRET not in info.value.details()
+        assert stub.Ping(epb.PingRequest(), metadata=ok, timeout=10).num_calls == calls  # nothing was computed
 
 
 def test_body_over_the_limit_is_413(server, client):
     r = requests.post(f"{server}/v1/completions", data=b'{"model": "glm-tiny", "prompt": "' + b"x" * MAX_BODY + b'"}',
-                      headers={"content-type": "application/json"}, timeout=60)
+                      headers={"content-type": "application/json", **AUTH}, timeout=60)
     assert r.status_code == 413 and r.json()["error"]["code"] == 413
     assert client.completions.create(model="glm-tiny", prompt="hi", max_tokens=2).choices[0].text is not None
 
@@ -136,7 +189,8 @@ def test_body_over_the_limit_is_413(server, client):
 def _hold_streams(server, n):
     """n streaming completions that stay in flight until closed (3000 tokens each)."""
     body = {"model": "glm-tiny", "prompt": "hold", "max_tokens": 3000, "ignore_eos": True, "stream": True}
-    held = [requests.post(f"{server}/v1/completions", json=body, stream=True, timeout=120) for _ in range(n)]
+    held = [requests.post(f"{server}/v1/completions", json=body, stream=True, headers=AUTH, timeout=120)
+            for _ in range(n)]
     lines = []  # the line iterators stay referenced: dropping one closes its connection
     for r in held:
         assert r.status_code == 200
@@ -148,7 +202,8 @@ def _hold_streams(server, n):
 def test_overload_is_429_over_http_and_resource_exhausted_over_grpc(server, client, grpc_stub):
     held, _lines = _hold_streams(server, MAX_PENDING)
     try:
-        r = requests.post(f"{server}/v1/completions", json={"model": "glm-tiny", "prompt": "hi"}, timeout=60)
+        r = requests.post(f"{server}/v1/completions", json={"model": "glm-tiny", "prompt": "hi"}, headers=AUTH,
+                          timeout=60)
         assert r.status_code == 429 and r.headers["retry-after"] == "1"
         assert r.json()["error"]["type"] == "rate_limit_exceeded"
         with pytest.raises(grpc.RpcError) as info:
@@ -160,7 +215,7 @@ def test_overload_is_429_over_http_and_resource_exhausted_over_grpc(server, clie
     ok = None
     for _ in range(50):  # the aborts land within a step or two
         ok = requests.post(f"{server}/v1/completions", json={"model": "glm-tiny", "prompt": "hi", "max_tokens": 2},
-                           timeout=60)
+                           headers=AUTH, timeout=60)
         if ok.status_code == 200:
             break
         threading.Event().wait(0.2)
@@ -212,12 +267,20 @@ def test_grpc_errors_then_a_good_request(grpc_stub, request_, code, named):
     assert ok[-1].finish_reason in ("length", "stop")
 
 
-def cli(*args, stdin=None):
+def cli(*args, stdin=None, api_key=API_KEY):
+    """The glm-ray command line, the key in GLM_RAY_API_KEY (as a user would export it)."""
+    env = {k: v for k, v in os.environ.items() if k != "GLM_RAY_API_KEY"}
+    if api_key:
+        env["GLM_RAY_API_KEY"] = api_key
     return subprocess.run([sys.executable, "-m", "glm_ray.cli", *args], capture_output=True, text=True,
-                          timeout=300, input=stdin, env=os.environ.copy())
+                          timeout=300, input=stdin, env=env)
 
 
 def test_cli_status_chat_and_bench_against_the_server(server, llm, tmp_path):
+    r = cli("status", "--url", server, api_key=None)
+    assert r.returncode != 0 and "401" in r.stderr and "API key" in r.stderr
+    r = cli("status", "--url", server, "--api-key", API_KEY, api_key=None)
+    assert r.returncode == 0, r.stderr
     r = cli("status", "--url", server)
     assert r.returncode == 0, r.stderr
     assert f"glm-ray at {server}: healthy" in r.stdout and "model glm-tiny" in r.stdout

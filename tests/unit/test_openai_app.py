@@ -7,14 +7,11 @@ Two servers: the tiny random model through `LocalBackend` (greedy output must eq
 
 from __future__ import annotations
 
-import asyncio
 import json
-import socket
 import threading
 import time
 
 import pytest
-import uvicorn
 from openai import OpenAI
 
 from glm_ray.engine.async_engine import AsyncLLMEngine
@@ -27,6 +24,7 @@ from glm_ray.serving.openai.reasoning import split, thinking_enabled
 from glm_ray.tokenizer import Tokenizer
 
 from fake_backend import GLM_OUTPUT, TOOLS, WEATHER_ARGS, FakeBackend, pieces
+from uvicorn_server import UvicornServer
 
 try:
     import httpx
@@ -35,24 +33,6 @@ except ImportError:  # newer environments ship it renamed
 
 OPTIONS = dict(dtype="float32", max_model_len=256, max_output_tokens=128)
 MODEL = "glm-tiny"
-
-
-class _Server:
-    def __init__(self, app):
-        sock = socket.socket()
-        sock.bind(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, daemon=True)
-        self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started:
-            assert time.monotonic() < deadline, "uvicorn did not start"
-            time.sleep(0.01)
-
-    def stop(self):
-        self.server.should_exit = True
-        self.thread.join(timeout=10)
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +44,7 @@ def engine(tiny_model_dir):
 
 @pytest.fixture(scope="module")
 def local(engine):
-    server = _Server(create_app(LocalBackend(engine, MODEL)))
+    server = UvicornServer(create_app(LocalBackend(engine, MODEL)))
     yield server
     server.stop()
 
@@ -195,7 +175,7 @@ def test_chat_thinking_off_text_parts_and_logprobs(client, reference):
 @pytest.fixture(scope="module")
 def fake(tiny_model_dir):
     backend = FakeBackend(Tokenizer.from_pretrained(tiny_model_dir))
-    server = _Server(create_app(backend, max_body_bytes=64 << 10, max_pending_requests=1))
+    server = UvicornServer(create_app(backend, max_body_bytes=64 << 10, max_pending_requests=1))
     server.backend = backend
     yield server
     server.stop()

@@ -16,6 +16,7 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from glm_ray.serving.api_keys import ApiKeys
 from glm_ray.serving.openai.backend import Backend
 from glm_ray.serving.openai.chat import create_chat_completion
 from glm_ray.serving.openai.completions import create_completion
@@ -43,14 +44,16 @@ async def parse_body(request: Request, model: type[BaseModel]) -> BaseModel:
 
 def create_app(backend: Backend, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
                max_pending_requests: int = 256, metrics: Metrics | None = None,
-               admission: Admission | None = None) -> FastAPI:
-    """`metrics` and `admission` may be shared with a gRPC front end in the same process."""
+               admission: Admission | None = None, api_keys: ApiKeys | None = None) -> FastAPI:
+    """`metrics` and `admission` may be shared with a gRPC front end in the same process; with
+    `api_keys` set, every route but /health needs one (401)."""
     app = FastAPI(title="glm-ray OpenAI-compatible API", version="1")
     app.state.backend = backend
     app.state.metrics = metrics = metrics or Metrics()
     app.state.admission = admission = admission or Admission(max_pending_requests)
     app.state.created = int(time.time())
-    app.add_middleware(RequestGuard, max_body_bytes=max_body_bytes, admission=admission, metrics=metrics)
+    app.add_middleware(RequestGuard, max_body_bytes=max_body_bytes, admission=admission, metrics=metrics,
+                       api_keys=api_keys)
 
     @app.exception_handler(OpenAIError)
     async def openai_error(request: Request, e: OpenAIError):

@@ -7,7 +7,7 @@ import re
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 
-_TYPES = {400: "invalid_request_error", 404: "not_found_error", 405: "invalid_request_error",
+_TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 404: "not_found_error", 405: "invalid_request_error",
           413: "request_too_large", 429: "rate_limit_exceeded", 500: "internal_error", 503: "service_unavailable"}
 _FIELD = re.compile(r"[a-z_][a-z0-9_]*")
 _TYPE_NAMES = frozenset({"str", "int", "float", "bool", "list", "dict", "none"})

@@ -1,11 +1,12 @@
-"""An ASGI middleware that guards the app before any route runs: body size (413), requests in
-flight (429, counted with `Admission` together with gRPC streams), and the per-endpoint request
-counter of /metrics (it sees every final status)."""
+"""An ASGI middleware that guards the app before any route runs: API keys (401), body size (413),
+requests in flight (429, counted with `Admission` together with gRPC streams), and the per-endpoint
+request counter of /metrics (it sees every final status)."""
 
 from __future__ import annotations
 
 import json
 
+from glm_ray.serving.api_keys import OPEN_PATHS, ApiKeys
 from glm_ray.serving.openai.errors import OpenAIError
 from glm_ray.serving.openai.metrics import Metrics
 
@@ -34,8 +35,10 @@ class Admission:
 
 
 class RequestGuard:
-    def __init__(self, app, *, max_body_bytes: int, admission: Admission, metrics: Metrics):
+    def __init__(self, app, *, max_body_bytes: int, admission: Admission, metrics: Metrics,
+                 api_keys: ApiKeys | None = None):
         self.app = app
+        self.api_keys = api_keys or ApiKeys()
         self.max_body_bytes = max_body_bytes
         self.admission = admission
         self.metrics = metrics
@@ -58,6 +61,11 @@ class RequestGuard:
             self.metrics.requests.labels(endpoint, str(status["code"])).inc()
 
     async def _guarded(self, scope, receive, send, path):
+        if self.api_keys.enabled and path not in OPEN_PATHS:
+            authorization = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
+            problem = self.api_keys.problem(authorization)
+            if problem is not None:
+                return await _send_error(send, OpenAIError(401, problem, headers={"WWW-Authenticate": "Bearer"}))
         too_large = OpenAIError(413, f"the request body exceeds the limit of {self.max_body_bytes} bytes; "
                                      "send a shorter prompt or conversation")
         length = dict(scope["headers"]).get(b"content-length")
