@@ -72,6 +72,12 @@ def set_path(data: dict, assignment: str) -> None:
         raise SystemExit(f"glm-ray: error: --set {key}: cannot read the value {text!r} ({e})") from None
 
 
+def replicas_arg(text: str):
+    from glm_ray.serving.autoscaling import replicas_arg as parse
+
+    return parse(text)
+
+
 def serve_config_of(args):
     """The ServeConfig `glm-ray serve` and `glm-ray config` take: --config FILE (a ServeConfig YAML
     or a Serve config file), then --set assignments, then the named flags."""
@@ -86,8 +92,16 @@ def serve_config_of(args):
     data = cfg.to_dict()
     for assignment in args.set or []:
         set_path(data, assignment)
-    overrides = dict(model=args.model, expert_groups=args.expert_groups, attention_replicas=args.attention_replicas,
-                     expert_replicas=args.expert_replicas, dtype=args.dtype, host=args.host, http_port=args.http_port,
+    for name in ("expert", "attention"):  # N: a fixed count; MIN:MAX: autoscaled with default targets
+        value = getattr(args, f"{name}_replicas")
+        if isinstance(value, tuple):
+            base = data.get(f"{name}_autoscaling") or {}
+            data[f"{name}_autoscaling"] = {**base, "min_replicas": value[0], "max_replicas": value[1]}
+        elif value is not None:
+            data[f"{name}_replicas"] = value
+            data[f"{name}_autoscaling"] = None
+    overrides = dict(model=args.model, expert_groups=args.expert_groups, dtype=args.dtype, host=args.host,
+                     http_port=args.http_port,
                      grpc_port=args.grpc_port, expert_host=args.expert_host,
                      cluster_secret_file=args.cluster_secret_file, api_keys=args.api_key or None,
                      grpc_enabled=False if args.no_grpc else None)
@@ -142,8 +156,10 @@ def add_serve_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="checkpoint directory (default: the built-in tiny model, "
                    "random weights)")
     p.add_argument("--expert-groups", type=positive_int, default=None, help="G, number of expert groups")
-    p.add_argument("--attention-replicas", type=positive_int, default=None, help="N, attention replicas")
-    p.add_argument("--expert-replicas", type=positive_int, default=None, help="replicas per expert group")
+    p.add_argument("--attention-replicas", type=replicas_arg, default=None, metavar="N|MIN:MAX",
+                   help="attention replicas: a fixed N, or MIN:MAX to autoscale on demand")
+    p.add_argument("--expert-replicas", type=replicas_arg, default=None, metavar="N|MIN:MAX",
+                   help="replicas per expert group: a fixed N, or MIN:MAX to autoscale each group on its load")
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default=None)
     p.add_argument("--host", default=None, help="HTTP bind address (default 127.0.0.1)")
     p.add_argument("--http-port", type=int, default=None)

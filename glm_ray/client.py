@@ -111,16 +111,29 @@ def status_report(client: ServerClient) -> str:
     experts = client.experts()
     deployments = experts.get("deployments") or {}
     if deployments:
-        lines.append("deployments: " + ", ".join(f"{name} {d['running']}/{d['replicas']} running ({d['status']})"
-                                                 for name, d in sorted(deployments.items())))
+        lines.append("deployments: " + ", ".join(f"{name} {d['running']}/{d['replicas']} running"
+                                                 + (f", {d['starting']} starting" if d.get("starting") else "")
+                                                 + (f", {d['draining']} draining" if d.get("draining") else "")
+                                                 + f" ({d['status']})" for name, d in sorted(deployments.items())))
     groups = (experts.get("placement") or {}).get("groups", [])
     replicas, load = experts.get("replicas", {}), experts.get("load", {})
     if groups:
         lines.append(f"expert groups: {len(groups)} (routing table version {experts.get('version')})")
+    group_load = experts.get("groups") or {}
     for g, members in enumerate(groups):
         addresses = replicas.get(str(g), [])
         busy = ", ".join(f"{a} ({load.get(a, 0)} in flight)" for a in addresses) or "NO LIVE REPLICA"
         lines.append(f"  group {g}: {len(members)} experts ({_ranges(members)}), {len(addresses)} replica(s): {busy}")
+        if str(g) in group_load:
+            gl = group_load[str(g)]
+            lines.append(f"    load: busy {100 * gl['busy_fraction']:.1f}% per replica ({gl['busy_sum']:.2f} replicas' "
+                         f"worth), {gl['tokens_per_s']:.0f} tokens/s")
+    attention = experts.get("attention") or {}
+    if attention:
+        lines.append(f"attention replicas: {len(attention)}")
+        for replica, a in attention.items():
+            lines.append(f"  {replica}: {a['sequences']:.0f} sequences ({a.get('running', 0):.0f} running, "
+                         f"{a.get('waiting', 0):.0f} waiting), KV cache {100 * a['kv_usage']:.1f}% used")
     tokens = experts.get("tokens_per_expert") or {}
     if tokens:
         lines.append(f"expert load over the last {experts.get('window_s', 0):.0f} s (tokens per expert; "

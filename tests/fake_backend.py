@@ -46,7 +46,12 @@ class FakeBackend:
 
     async def stats(self):
         return {"running": 1, "waiting": 2, "kv_cache_usage": 0.25, "replicas": {"0": 2, "1": 1},
-                "routed_tokens": {"0": 100, "1": 50}}
+                "routed_tokens": {"0": 100, "1": 50},
+                "groups": {"0": {"busy_fraction": 0.5, "tokens_per_s": 1200.0},
+                           "1": {"busy_fraction": 0.125, "tokens_per_s": 300.0}},
+                "deployments": {"ExpertGroup_0": {"running": 2, "starting": 1, "draining": 0},
+                                "AttentionReplica": {"running": 1, "starting": 0, "draining": 1}},
+                "attention": {"r1": {"sequences": 3.0, "kv_usage": 0.25}}}
 
 
 TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Weather of a city.",

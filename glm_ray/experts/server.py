@@ -24,6 +24,7 @@ import torch
 from google.protobuf.message import DecodeError
 
 from glm_ray.experts.auth import DispatchAuth
+from glm_ray.experts.load import LoadMeter
 from glm_ray.experts.local import ExpertWeights, grouped_swiglu
 from glm_ray.experts.wire import GRPC_OPTIONS, dtype_name, tensor_from_proto, tensor_to_proto
 from glm_ray.v1 import experts_pb2 as pb
@@ -44,10 +45,11 @@ class StalePlacement(ValueError):
 
 class ExpertServer:
     """Serves `layers` (MoE layer -> this group's ExpertWeights, the same experts in every layer);
-    `auth`: the cluster secret calls must carry and TLS for the port (None: neither)."""
+    `auth`: the cluster secret calls must carry and TLS for the port (None: neither);
+    `load_window_s`: the look-back window of `load` (busy fraction, tokens per second)."""
 
     def __init__(self, layers: dict[int, ExpertWeights], group: int, *, placement_version: int = 0,
-                 auth: DispatchAuth | None = None):
+                 auth: DispatchAuth | None = None, load_window_s: float = 10.0):
         if not layers:
             raise ValueError(f"expert group {group}: no layers to serve")
         first = next(iter(layers.values()))
@@ -64,6 +66,7 @@ class ExpertServer:
         self.hidden_size = first.w13.shape[2]
         self.auth = auth or DispatchAuth()
         self._credentials = self.auth.server_credentials()  # reads the TLS files now: a bad path fails here
+        self.load = LoadMeter(load_window_s)  # every computed request: its seconds and tokens
         self.in_flight = 0  # Forward calls being served now
         self.num_calls = 0  # Forward calls finished, ok or not
         self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"expert-group-{group}")
@@ -91,6 +94,7 @@ class ExpertServer:
         reply = pb.ForwardReply(request_id=req.request_id)
         tensor_to_proto(partial, reply.partial)
         reply.compute_s = time.perf_counter() - start
+        self.load.record(reply.compute_s, hidden_states.shape[0])
         return reply.SerializeToString()
 
     def _check(self, req: pb.ForwardRequest) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -85,11 +85,15 @@ def make_model(
     shards: int = 1,
     mtp: str | None = None,
     rope_format: str = "top-level",
+    hot_experts: dict[int, float] | None = None,
 ) -> Path:
     """Write a deterministic checkpoint directory; returns its path.
 
     overrides: config.json keys to change; mtp: None, "glm-4.6" or "glm-4.5" (MTP layer layout);
-    rope_format: "top-level" (GLM's own files) or "rope_parameters" (transformers v5)."""
+    rope_format: "top-level" (GLM's own files) or "rope_parameters" (transformers v5);
+    hot_experts: {expert: bias} added to every MoE layer's e_score_correction_bias, a skewed
+    routing (bias 1.0 beats every sigmoid score: the expert is always chosen) for load-balancing
+    and autoscaling tests; the routing weights still come from the unbiased scores."""
     from glm_ray.tokenizer import write_tokenizer_files
 
     if dtype not in _DTYPES:
@@ -115,7 +119,12 @@ def make_model(
         tensors = {}
         for name, shape in shapes.items():
             t = _init(name, shape, gen)
-            tensors[name] = t.float() if name.endswith("e_score_correction_bias") else t.to(_DTYPES[dtype])
+            if name.endswith("e_score_correction_bias"):
+                for expert, bias in (hot_experts or {}).items():
+                    t[expert] += bias
+                tensors[name] = t.float()
+            else:
+                tensors[name] = t.to(_DTYPES[dtype])
         _save(tensors, tmp, shards)
 
         written = dict(cfg)

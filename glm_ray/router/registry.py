@@ -17,8 +17,9 @@ class ReplicaInfo:
     address: str
     replica_id: str
     last_seen: float
-    in_flight: int = 0
-    served_tokens: int = 0
+    in_flight: int = 0  # calls being computed at the last heartbeat
+    busy_fraction: float = 0.0  # seconds computing per wall second, over the replica's look-back window
+    tokens_per_s: float = 0.0  # tokens computed per second, same window
 
 
 @dataclass
@@ -50,13 +51,29 @@ class ReplicaRegistry:
         self.version += 1
         return self.version
 
-    def heartbeat(self, address: str, in_flight: int = 0, served_tokens: int = 0) -> bool:
-        """False if the address is unknown (expired or never registered): the replica should re-register."""
+    def heartbeat(self, address: str, in_flight: int = 0, busy_fraction: float = 0.0,
+                  tokens_per_s: float = 0.0) -> bool:
+        """The replica's load now; False if the address is unknown (expired or never registered):
+        the replica should re-register."""
         info = self.replicas.get(address)
         if info is None:
             return False
-        info.last_seen, info.in_flight, info.served_tokens = self.clock(), in_flight, served_tokens
+        info.last_seen, info.in_flight = self.clock(), in_flight
+        info.busy_fraction, info.tokens_per_s = busy_fraction, tokens_per_s
         return True
+
+    def group_load(self) -> dict[int, dict]:
+        """Per group: live replicas, summed and mean busy fraction, summed tokens per second."""
+        self.expire()
+        out = {g: {"replicas": 0, "busy_sum": 0.0, "tokens_per_s": 0.0} for g in range(self.num_groups)}
+        for r in self.replicas.values():
+            g = out[r.group]
+            g["replicas"] += 1
+            g["busy_sum"] += r.busy_fraction
+            g["tokens_per_s"] += r.tokens_per_s
+        for g in out.values():
+            g["busy_fraction"] = g["busy_sum"] / g["replicas"] if g["replicas"] else 0.0
+        return out
 
     def unregister(self, address: str) -> None:
         if self.replicas.pop(address, None) is not None:

@@ -13,6 +13,7 @@ from ray.serve import Application
 from glm_ray.config import load_model_config
 from glm_ray.router.placement import Placement
 from glm_ray.serving.attention import AttentionReplica
+from glm_ray.serving.autoscaling import expert_autoscaling_by_group, serve_autoscaling_config
 from glm_ray.serving.config import ServeConfig
 from glm_ray.serving.credentials import dispatch_auth, resolve_api_keys
 from glm_ray.serving.expert_group import ExpertGroup
@@ -55,19 +56,34 @@ def build_app(config: ServeConfig | dict) -> Application:
 
     router = ExpertRouter.options(ray_actor_options=cfg.router_resources.ray_actor_options(), **shutdown).bind(
         placement.to_dict(), cfg.expert_groups, cfg.heartbeat_ttl_s)
-    groups = [
-        ExpertGroup.options(name=f"ExpertGroup_{g}", num_replicas=cfg.replicas_of_group(g),
-                            ray_actor_options=cfg.expert_resources.ray_actor_options(), **shutdown).bind(
+    # an expert replica's drain (leave the table, serve until attention replicas re-read it, finish
+    # what is computing) must fit in Serve's force-kill deadline
+    drain_wait_s, stop_grace_s = cfg.expert_drain_wait_s(), 2.0
+    expert_shutdown = {**shutdown, "graceful_shutdown_timeout_s": max(cfg.graceful_shutdown_timeout_s,
+                                                                      drain_wait_s + stop_grace_s + 1.0)}
+    groups = []
+    for g, scaling in enumerate(expert_autoscaling_by_group(cfg.expert_autoscaling, cfg.expert_autoscaling_groups,
+                                                             cfg.expert_groups)):
+        replicas = ({"autoscaling_config": serve_autoscaling_config(scaling, cfg.autoscaling_metrics_interval_s)}
+                    if scaling else {"num_replicas": cfg.replicas_of_group(g)})
+        groups.append(ExpertGroup.options(
+            name=f"ExpertGroup_{g}", ray_actor_options=cfg.expert_resources.ray_actor_options(), **replicas,
+            **expert_shutdown).bind(
             model_dir, g, placement.experts_of(g), cfg.dtype, router, cfg.expert_host, cfg.heartbeat_interval_s,
-            cfg.threads_for(cfg.expert_resources), dispatch_auth=auth)
-        for g in range(cfg.expert_groups)
-    ]
+            cfg.threads_for(cfg.expert_resources), dispatch_auth=auth,
+            look_back_s=scaling.look_back_s if scaling else 10.0, drain_wait_s=drain_wait_s,
+            stop_grace_s=stop_grace_s))
     engine_options = dict(dtype=cfg.dtype, kv_cache_memory=cfg.kv_cache_memory, max_num_seqs=cfg.max_num_seqs,
                           max_num_batched_tokens=cfg.max_num_batched_tokens, max_model_len=cfg.max_model_len,
                           microbatches=cfg.microbatches)
+    attention_replicas = (
+        {"autoscaling_config": serve_autoscaling_config(cfg.attention_autoscaling, cfg.autoscaling_metrics_interval_s)}
+        if cfg.attention_autoscaling else {"num_replicas": cfg.attention_replicas})
+    # Serve stops routing to a replica it scales down and waits for its streams up to this limit
+    attention_shutdown = {**shutdown, "graceful_shutdown_timeout_s": cfg.attention_drain_s}
     attention = AttentionReplica.options(
-        name="AttentionReplica", num_replicas=cfg.attention_replicas, max_ongoing_requests=cfg.max_ongoing_requests,
-        ray_actor_options=cfg.attention_resources.ray_actor_options(), **shutdown).bind(
+        name="AttentionReplica", max_ongoing_requests=cfg.max_ongoing_requests, **attention_replicas,
+        ray_actor_options=cfg.attention_resources.ray_actor_options(), **attention_shutdown).bind(
         model_dir, engine_options, placement.to_dict(), router, cfg.snapshot_refresh_s, cfg.expert_wait_s,
         cfg.threads_for(cfg.attention_resources), dispatch_auth=auth)
     model_name = cfg.served_model_name or (Path(model_dir).name if cfg.model else DEFAULT_MODEL_NAME)

@@ -19,6 +19,7 @@ from glm_ray.experts.backend import ExpertBackend
 from glm_ray.experts.policy import PowerOfTwoChoices
 from glm_ray.experts.remote import RemoteExperts
 from glm_ray.router.placement import Placement
+from glm_ray.serving.autoscaling import KV_USAGE, SEQUENCES
 from glm_ray.router.registry import Snapshot
 from glm_ray.serving.protocol import delta_to_dict
 
@@ -52,10 +53,12 @@ class RoutingCounter(ExpertBackend):
 
 class RouterSnapshots:
     """The replica table as last read from the router, refreshed by a background thread every
-    `refresh_s` and on demand after a failed call. Never on the per-layer path."""
+    `refresh_s` and on demand after a failed call. Never on the per-layer path. The same thread
+    reports routing counts (`report()`) and this replica's load (`load()`, under `replica_id`)."""
 
-    def __init__(self, router, refresh_s: float, report=None):
+    def __init__(self, router, refresh_s: float, report=None, load=None, replica_id: str = ""):
         self.router, self.refresh_s, self.report = router, refresh_s, report
+        self.load, self.replica_id = load, replica_id
         self._current = Snapshot(-1, {})
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -81,6 +84,8 @@ class RouterSnapshots:
                 counts = self.report() if self.report else None
                 if counts:
                     self.router.report_routing.remote(counts)
+                if self.load is not None:
+                    self.router.report_attention.remote(self.replica_id, self.load())
             except Exception as e:
                 log.warning("reading the router snapshot failed: %r", e)
             self._wake.wait(self.refresh_s)
@@ -108,6 +113,8 @@ class AttentionReplica:
                                      unavailable_wait_s=expert_wait_s, auth=auth)
         self.counter = RoutingCounter(self.experts, table.num_experts)
         self.snapshots.report = self.counter.take_counts
+        self.snapshots.load = self.load
+        self.snapshots.replica_id = serve.get_replica_context().replica_tag
         self.engine = AsyncLLMEngine(model_dir, EngineOptions(**{**engine_options, "attention_workers": num_threads}),
                                      experts=self.counter)
 
@@ -139,6 +146,18 @@ class AttentionReplica:
         for k in engine:
             engine[k] = type(engine[k])()
         return out
+
+    def load(self) -> dict:
+        """Demand on this replica: sequences running + waiting, and the KV cache's use (0..1)."""
+        s = self.engine.engine.scheduler.stats()
+        used = s.num_used_blocks
+        return {"sequences": float(s.num_running + s.num_waiting), "running": float(s.num_running),
+                "waiting": float(s.num_waiting), "kv_usage": used / max(1, used + s.num_free_blocks)}
+
+    def record_autoscaling_stats(self) -> dict:
+        """Serve's custom autoscaling metrics (glm_ray/serving/autoscaling.py reads them)."""
+        load = self.load()
+        return {SEQUENCES: load["sequences"], KV_USAGE: load["kv_usage"]}
 
     def engine_stats(self) -> dict:
         s = self.engine.engine.scheduler.stats()

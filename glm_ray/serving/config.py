@@ -6,7 +6,9 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+
+from glm_ray.serving.autoscaling import AttentionAutoscaling, ExpertAutoscaling, ExpertAutoscalingOverride
 
 
 class Resources(BaseModel):
@@ -49,8 +51,23 @@ class ServeConfig(BaseModel):
     model: str | None = Field(None, description="checkpoint directory; None builds/uses the built-in tiny model")
     served_model_name: str | None = Field(None, description="the `model` clients send; default the directory's name")
     expert_groups: int = Field(2, ge=1, description="G: routed experts are split into this many groups")
-    attention_replicas: int = Field(1, ge=1, description="N: attention replicas (each runs an engine)")
-    expert_replicas: int | list[int] = Field(1, description="replicas per expert group: one number for all, or one per group")
+    attention_replicas: int = Field(1, ge=1, description="N: attention replicas (each runs an engine); with "
+                                    "attention_autoscaling, ignored")
+    expert_replicas: int | list[int] = Field(1, description="replicas per expert group: one number for all, or one "
+                                             "per group; for an autoscaled group, ignored")
+    expert_autoscaling: ExpertAutoscaling | None = Field(None, description="autoscale every expert group on its "
+                                                         "replicas' busy fraction; None: fixed expert_replicas")
+    expert_autoscaling_groups: dict[int, ExpertAutoscalingOverride | None] = Field(
+        default_factory=dict, description="per-group overrides of expert_autoscaling (any of its fields), by group "
+        "index; null keeps that group at fixed replicas")
+    attention_autoscaling: AttentionAutoscaling | None = Field(None, description="autoscale attention replicas on "
+                                                               "sequences per replica and KV-cache use; None: fixed "
+                                                               "attention_replicas")
+    autoscaling_metrics_interval_s: float = Field(1.0, gt=0, description="how often replicas push their "
+                                                  "autoscaling metrics to Serve's controller")
+    attention_drain_s: float = Field(300.0, gt=0, description="an attention replica being scaled down or replaced "
+                                     "takes no new requests and has this long to finish its generations; what is "
+                                     "still running then fails with a retryable 503 / UNAVAILABLE")
     placement: list[list[int]] | None = Field(None, description="expert ids per group; default contiguous ranges")
     dtype: Literal["auto", "float32", "bfloat16"] = Field("auto", description="compute dtype")
 
@@ -115,6 +132,24 @@ class ServeConfig(BaseModel):
         if any(c < 1 for c in counts):
             raise ValueError(f"expert_replicas must be >= 1, got {v}")
         return v
+
+    @model_validator(mode="after")
+    def _autoscaling_fits(self):
+        from glm_ray.serving.autoscaling import expert_autoscaling_by_group
+
+        expert_autoscaling_by_group(self.expert_autoscaling, self.expert_autoscaling_groups, self.expert_groups)
+        autoscaled = [a for a in [self.attention_autoscaling, *([self.expert_autoscaling] if self.expert_autoscaling
+                                                                 else [])] if a is not None]
+        for a in autoscaled:
+            if a.look_back_s <= self.autoscaling_metrics_interval_s:
+                raise ValueError(f"look_back_s ({a.look_back_s}) must exceed autoscaling_metrics_interval_s "
+                                 f"({self.autoscaling_metrics_interval_s}): Serve averages several pushes")
+        return self
+
+    def expert_drain_wait_s(self) -> float:
+        """How long a draining expert replica keeps serving after leaving the routing table: until
+        every attention replica has re-read the table (each does every snapshot_refresh_s)."""
+        return 2 * self.snapshot_refresh_s + 0.5
 
     def threads_for(self, resources: Resources) -> int:
         return self.torch_threads or max(1, int(resources.num_cpus))

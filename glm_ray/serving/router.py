@@ -19,17 +19,23 @@ class ExpertRouter:
     def __init__(self, placement: dict, num_groups: int, ttl_s: float, stats_window_s: float = 60.0):
         self.placement = placement
         self.registry = ReplicaRegistry(num_groups, ttl_s)
+        self.ttl_s = ttl_s
         self.window_s = stats_window_s
         self.routing: deque = deque()  # (time, {layer: [tokens per expert]})
+        self.attention: dict[str, tuple[float, dict]] = {}  # replica id -> (time, its last load report)
 
     async def register(self, group: int, address: str, replica_id: str) -> int:
         return self.registry.register(group, address, replica_id)
 
-    async def heartbeat(self, address: str, in_flight: int = 0, served_tokens: int = 0) -> bool:
-        return self.registry.heartbeat(address, in_flight, served_tokens)
+    async def heartbeat(self, address: str, in_flight: int = 0, busy_fraction: float = 0.0,
+                        tokens_per_s: float = 0.0) -> bool:
+        return self.registry.heartbeat(address, in_flight, busy_fraction, tokens_per_s)
 
-    async def unregister(self, address: str) -> None:
+    async def unregister(self, address: str) -> int:
+        """Live replicas left in the address's group (0 if it was unknown)."""
+        info = self.registry.replicas.get(address)
         self.registry.unregister(address)
+        return 0 if info is None else len(self.registry.snapshot().replicas[info.group])
 
     async def snapshot(self) -> dict:
         return {**self.registry.snapshot().to_dict(), "placement": self.placement}
@@ -41,6 +47,16 @@ class ExpertRouter:
         while self.routing and now - self.routing[0][0] > self.window_s:
             self.routing.popleft()
 
+    async def report_attention(self, replica_id: str, load: dict) -> None:
+        """An attention replica's demand (sequences, KV usage), sent with each table refresh."""
+        self.attention[replica_id] = (time.monotonic(), load)
+
+    def _attention_load(self) -> dict[str, dict]:
+        # a silent replica (stopped, or its refresh stalled) drops out after a few refreshes' worth
+        now = time.monotonic()
+        self.attention = {r: (t, load) for r, (t, load) in self.attention.items() if now - t <= 3 * self.ttl_s}
+        return {r: load for r, (_, load) in sorted(self.attention.items())}
+
     async def status(self) -> dict:
         snap = self.registry.snapshot()
         tokens: dict[str, list[int]] = {}
@@ -51,4 +67,8 @@ class ExpertRouter:
                     acc[e] += n
         return {"placement": self.placement, "replicas": {str(g): a for g, a in snap.replicas.items()},
                 "load": snap.load, "version": snap.version, "tokens_per_expert": tokens,
+                "groups": {str(g): v for g, v in self.registry.group_load().items()},
+                "replica_load": {a: {"group": r.group, "in_flight": r.in_flight, "busy_fraction": r.busy_fraction,
+                                     "tokens_per_s": r.tokens_per_s} for a, r in self.registry.replicas.items()},
+                "attention": self._attention_load(),
                 "window_s": self.window_s, "missing_groups": [g for g, a in snap.replicas.items() if not a]}

@@ -53,22 +53,37 @@ class ServeBackend:
         return {**status, "deployments": await asyncio.to_thread(deployment_states)}
 
     async def stats(self) -> dict:
+        """What /metrics shows: demand (summed over attention replicas, and per replica), expert
+        groups' replicas and load, and every deployment's replicas by state."""
         status = await self.router.status.remote()
-        engine = await self.attention.engine_stats.remote()  # one replica's view
         placement = status["placement"]["groups"] if "groups" in status["placement"] else []
         routed = {}
         for per_expert in status["tokens_per_expert"].values():
             for g, experts in enumerate(placement):
                 routed[str(g)] = routed.get(str(g), 0) + sum(per_expert[e] for e in experts)
-        used, free = engine["used_blocks"], engine["free_blocks"]
-        return {"running": engine["running"], "waiting": engine["waiting"],
-                "kv_cache_usage": used / max(1, used + free),
-                "replicas": {g: len(a) for g, a in status["replicas"].items()}, "routed_tokens": routed}
+        attention = status.get("attention") or {}
+        if not attention:  # no report yet: ask one replica
+            engine = await self.attention.engine_stats.remote()
+            used, free = engine["used_blocks"], engine["free_blocks"]
+            attention = {"": {"running": engine["running"], "waiting": engine["waiting"],
+                              "sequences": engine["running"] + engine["waiting"],
+                              "kv_usage": used / max(1, used + free)}}
+        loads = list(attention.values())
+        return {"running": sum(a["running"] for a in loads), "waiting": sum(a["waiting"] for a in loads),
+                "kv_cache_usage": sum(a["kv_usage"] for a in loads) / len(loads),
+                "attention": {r: a for r, a in attention.items() if r},
+                "replicas": {g: len(a) for g, a in status["replicas"].items()}, "routed_tokens": routed,
+                "groups": status.get("groups") or {},
+                "deployments": await asyncio.to_thread(deployment_states)}
+
+
+_STARTING = ("STARTING", "UPDATING", "RECOVERING", "PENDING_MIGRATION")
 
 
 def deployment_states() -> dict:
-    """{deployment: {"status", "running", "replicas"}} of this replica's application, from Serve's
-    controller; {} when it cannot be asked (status is informative, never worth failing a request)."""
+    """{deployment: {"status", "running", "starting", "draining", "replicas"}} of this replica's
+    application, from Serve's controller; {} when it cannot be asked (status is informative, never
+    worth failing a request). Draining is Serve's STOPPING: a replica finishing its work."""
     from ray import serve
 
     try:
@@ -80,5 +95,6 @@ def deployment_states() -> dict:
     for name, d in app.deployments.items():
         states = {str(getattr(state, "value", state)): n for state, n in d.replica_states.items()}
         out[name] = {"status": str(getattr(d.status, "value", d.status)), "running": states.get("RUNNING", 0),
+                     "starting": sum(states.get(s, 0) for s in _STARTING), "draining": states.get("STOPPING", 0),
                      "replicas": sum(states.values())}
     return out

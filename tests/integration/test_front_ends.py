@@ -129,7 +129,11 @@ def test_health_metrics_experts(server):
     assert experts["placement"]["groups"] == [[0, 1, 2, 3], [4, 5, 6, 7]]
     assert all(len(a) == 1 for a in experts["replicas"].values())
     metrics = requests.get(f"{server}/metrics", headers=AUTH, timeout=30).text
-    assert "glm_ray" in metrics
+    for line in ['glm_ray_deployment_replicas{deployment="ExpertGroup_0",state="running"} 1.0',
+                 'glm_ray_deployment_replicas{deployment="AttentionReplica",state="running"} 1.0',
+                 'glm_ray_expert_group_busy_fraction{group="1"}', 'glm_ray_expert_group_tokens_per_second{group="0"}',
+                 "glm_ray_attention_sequences{replica=", "glm_ray_attention_kv_cache_usage_ratio{replica="]:
+        assert line in metrics
 
 
 def test_without_the_api_key_only_health_answers(server, grpc_stub):
@@ -285,6 +289,8 @@ def test_cli_status_chat_and_bench_against_the_server(server, llm, tmp_path):
     assert r.returncode == 0, r.stderr
     assert f"glm-ray at {server}: healthy" in r.stdout and "model glm-tiny" in r.stdout
     assert "group 0: 4 experts (0-3), 1 replica(s)" in r.stdout and "group 1: 4 experts (4-7)" in r.stdout
+    assert "tokens/s" in r.stdout and "busy" in r.stdout  # each group's load
+    assert "attention replicas: 1" in r.stdout and "KV cache" in r.stdout
     assert "AttentionReplica 1/1 running" in r.stdout and "ExpertGroup_1 1/1 running" in r.stdout
 
     r = cli("chat", "--url", server, "--temperature", "0", "--max-tokens", "6", "--no-thinking",

@@ -415,6 +415,12 @@ def test_health_metrics_experts(local, fake, fake_backend, client):
     assert 'glm_ray_expert_group_replicas{group="0"} 2.0' in fake_text
     assert 'glm_ray_expert_group_routed_tokens{group="1"} 50.0' in fake_text
     assert "glm_ray_kv_cache_usage_ratio 0.25" in fake_text
+    assert 'glm_ray_expert_group_busy_fraction{group="0"} 0.5' in fake_text
+    assert 'glm_ray_expert_group_tokens_per_second{group="1"} 300.0' in fake_text
+    assert 'glm_ray_deployment_replicas{deployment="ExpertGroup_0",state="starting"} 1.0' in fake_text
+    assert 'glm_ray_deployment_replicas{deployment="AttentionReplica",state="draining"} 1.0' in fake_text
+    assert 'glm_ray_attention_sequences{replica="r1"} 3.0' in fake_text
+    assert 'glm_ray_attention_kv_cache_usage_ratio{replica="r1"} 0.25' in fake_text
     assert httpx.get(f"{fake.url}/v1/experts").json() == {"replicas": {"0": ["r0"]}}
     assert httpx.get(f"{local.url}/v1/experts").status_code == 200
 

@@ -44,3 +44,20 @@ def test_bad_group_is_rejected():
         assert "group 2 out of range 0..1" in str(e)
     else:
         raise AssertionError("expected ValueError")
+
+
+def test_heartbeats_carry_load_and_groups_sum_it():
+    clock = Clock()
+    reg = ReplicaRegistry(num_groups=3, ttl_s=3.0, clock=clock)
+    reg.register(0, "h:1", "a")
+    reg.register(0, "h:2", "b")
+    reg.register(1, "h:3", "c")
+    assert reg.heartbeat("h:1", in_flight=1, busy_fraction=0.5, tokens_per_s=100.0)
+    assert reg.heartbeat("h:2", busy_fraction=0.3, tokens_per_s=60.0)
+    load = reg.group_load()
+    assert load[0]["replicas"] == 2 and load[0]["busy_sum"] == 0.8 and load[0]["tokens_per_s"] == 160.0
+    assert abs(load[0]["busy_fraction"] - 0.4) < 1e-12
+    assert load[1] == {"replicas": 1, "busy_sum": 0.0, "tokens_per_s": 0.0, "busy_fraction": 0.0}
+    assert load[2]["replicas"] == 0 and load[2]["busy_fraction"] == 0.0
+    clock.t = 5.0  # all silent past the TTL: nothing is counted
+    assert all(g["replicas"] == 0 for g in reg.group_load().values())

@@ -45,7 +45,9 @@ def from_exception(e: BaseException) -> OpenAIError:
     message = text.splitlines()[-1] if text else type(cause).__name__
     if isinstance(e, ValueError) or isinstance(cause, ValueError):
         return OpenAIError(400, message, param=guess_param(message))
-    return OpenAIError(503, f"the model backend failed: {message}", kind="service_unavailable")
+    # retryable: a replica stopped (scale-down past its drain limit, a crash) or a group is missing
+    return OpenAIError(503, f"the model backend failed: {message}; retry the request", kind="service_unavailable",
+                       headers={"Retry-After": "1"})
 
 
 def guess_param(message: str) -> str | None:

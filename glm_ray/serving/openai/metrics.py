@@ -28,6 +28,16 @@ class Metrics:
                               registry=r)
         self.routed_tokens = Gauge("glm_ray_expert_group_routed_tokens", "Tokens routed to each expert group",
                                    ["group"], registry=r)
+        self.group_busy = Gauge("glm_ray_expert_group_busy_fraction", "Seconds computing per wall second, mean "
+                                "over the group's live replicas (look-back window)", ["group"], registry=r)
+        self.group_tokens = Gauge("glm_ray_expert_group_tokens_per_second", "Tokens computed per second, summed "
+                                  "over the group's live replicas", ["group"], registry=r)
+        self.deployment_replicas = Gauge("glm_ray_deployment_replicas", "Replicas of each deployment by state "
+                                         "(running, starting, draining)", ["deployment", "state"], registry=r)
+        self.attention_sequences = Gauge("glm_ray_attention_sequences", "Sequences running + waiting on each "
+                                         "attention replica", ["replica"], registry=r)
+        self.attention_kv = Gauge("glm_ray_attention_kv_cache_usage_ratio", "KV-cache use of each attention "
+                                  "replica (0..1)", ["replica"], registry=r)
 
     def observe_tokens(self, arrival: float, last: float | None, now: float, num_tokens: int) -> None:
         """One delta carrying `num_tokens` tokens arrived at `now`; `last` is the previous one's time."""
@@ -55,4 +65,17 @@ class Metrics:
                 self.replicas.labels(str(group)).set(n)
             for group, n in (stats.get("routed_tokens") or {}).items():
                 self.routed_tokens.labels(str(group)).set(n)
+            for group, load in (stats.get("groups") or {}).items():
+                self.group_busy.labels(str(group)).set(load["busy_fraction"])
+                self.group_tokens.labels(str(group)).set(load["tokens_per_s"])
+            # replicas come and go: old label sets must not linger as stale series
+            self.deployment_replicas.clear()
+            for name, d in (stats.get("deployments") or {}).items():
+                for state in ("running", "starting", "draining"):
+                    self.deployment_replicas.labels(name, state).set(d.get(state, 0))
+            self.attention_sequences.clear()
+            self.attention_kv.clear()
+            for replica, load in (stats.get("attention") or {}).items():
+                self.attention_sequences.labels(replica).set(load["sequences"])
+                self.attention_kv.labels(replica).set(load["kv_usage"])
         return generate_latest(self.registry)
