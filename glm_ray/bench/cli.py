@@ -13,6 +13,7 @@ from pathlib import Path
 from glm_ray.bench import stats
 from glm_ray.argtypes import number_in, positive_int
 from glm_ray.bench.isolate import run_in_child
+from glm_ray.bench.load_step_timeline import DEFAULT_LOAD_STEP, parse_phases
 from glm_ray.bench.report import compare, format_table, load_average, mean_ratio, new_report
 from glm_ray.bench.workloads import SPECS, make_workload
 
@@ -35,6 +36,15 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--api-key", default=None, help="with --url: the server's API key (default: $GLM_RAY_API_KEY)")
     p.add_argument("--concurrency", type=positive_int, default=None,
                    help="with --url: requests in flight at once (default: the workload's 64)")
+    p.add_argument("--load-step", nargs="?", type=parse_phases, const=parse_phases(DEFAULT_LOAD_STEP), default=None,
+                   metavar="CLIENTS:SECONDS,...",
+                   help="with --url: a load step instead of the workloads: phases of closed-loop clients "
+                        f"(default {DEFAULT_LOAD_STEP}), a timeline of tokens/s, latencies and replicas per "
+                        "deployment from /metrics, written to --output (default load-step.json) and --plot")
+    p.add_argument("--max-tokens", type=positive_int, default=128, help="--load-step: output tokens per request")
+    p.add_argument("--prompt-tokens", type=positive_int, default=32, help="--load-step: prompt tokens per request")
+    p.add_argument("--plot", default=None, metavar="FILE.png",
+                   help="--load-step: the timeline plot (default: --output with .png; needs matplotlib)")
     p.add_argument("--no-baseline", action="store_true", help="skip transformers")
     p.add_argument("--distributed", action="store_true",
                    help="also run the disaggregated app (expert groups over gRPC) on a local Ray cluster")
@@ -178,6 +188,10 @@ def run_bench(args) -> int:
     from glm_ray.bench.flops import run_flops
     from glm_ray.config import load_model_config
 
+    if args.load_step is not None:
+        from glm_ray.bench.load_step import run_load_step
+
+        return run_load_step(args)
     if args.url:
         return run_url_bench(args)
 

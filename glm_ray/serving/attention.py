@@ -113,10 +113,10 @@ class AttentionReplica:
                                      unavailable_wait_s=expert_wait_s, auth=auth)
         self.counter = RoutingCounter(self.experts, table.num_experts)
         self.snapshots.report = self.counter.take_counts
-        self.snapshots.load = self.load
-        self.snapshots.replica_id = serve.get_replica_context().replica_tag
         self.engine = AsyncLLMEngine(model_dir, EngineOptions(**{**engine_options, "attention_workers": num_threads}),
                                      experts=self.counter)
+        self.snapshots.replica_id = serve.get_replica_context().replica_tag
+        self.snapshots.load = self.load  # reported from now on, the engine being up
 
     async def generate(self, request: dict):
         """request: {"prompt_token_ids", "sampling_params": {...}, "request_id"?, "prompt"?, "stream"?};
