@@ -107,7 +107,8 @@ def status_report(client: ServerClient) -> str:
     ok, health = client.health()
     model = client.model()
     lines = [f"glm-ray at {client.url}: {'healthy' if ok else 'NOT healthy: ' + str(health)}",
-             f"model {model['id']}: max_model_len {model.get('max_model_len')}"]
+             f"model {model['id']}: max_model_len {model.get('max_model_len')}, computing in "
+             f"{model.get('dtype') or 'unknown dtype'}"]
     experts = client.experts()
     deployments = experts.get("deployments") or {}
     if deployments:

@@ -21,7 +21,7 @@ from glm_ray.serving.openai.chat import chat_events, start_chat
 from glm_ray.serving.openai.completions import prompts_of, token_text
 from glm_ray.serving.openai.errors import OpenAIError, from_exception, from_validation_error
 from glm_ray.serving.openai.metrics import Metrics
-from glm_ray.serving.openai.middleware import Admission
+from glm_ray.serving.admission import Admission
 from glm_ray.serving.openai.sampling import (check_common, check_length, make_request, new_id, sampling_dict,
                                              usage)
 from glm_ray.serving.openai.schemas import DEFAULT_MAX_TOKENS, ChatCompletionRequest, CompletionRequest

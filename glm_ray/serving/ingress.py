@@ -15,7 +15,7 @@ from glm_ray.serving.grpc_service import GenerationService, GrpcError
 from glm_ray.serving.openai.app import create_app
 from glm_ray.serving.openai.errors import error_response, from_exception
 from glm_ray.serving.openai.metrics import Metrics
-from glm_ray.serving.openai.middleware import Admission
+from glm_ray.serving.admission import Admission
 from glm_ray.serving.serve_backend import ServeBackend
 
 _SAMPLING_FIELDS = set(SamplingParams.__dataclass_fields__)

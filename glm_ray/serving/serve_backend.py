@@ -26,7 +26,9 @@ class ServeBackend:
         config = load_model_config(model_dir)
         options = EngineOptions(**engine_options)
         # the same resolution the engines do, so the edge rejects exactly what they would
-        limits = EngineLimits.resolve(options, config, kv_bytes_per_token(config, resolve_dtype(options.dtype, config)))
+        dtype = resolve_dtype(options.dtype, config)  # `auto` is fp32 on a CPU without native bf16
+        self.dtype = str(dtype).removeprefix("torch.")
+        limits = EngineLimits.resolve(options, config, kv_bytes_per_token(config, dtype))
         self.max_model_len, self.max_output_tokens = limits.max_model_len, limits.max_output_tokens
 
     async def generate(self, request: dict) -> AsyncIterator[dict]:

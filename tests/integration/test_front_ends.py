@@ -288,6 +288,7 @@ def test_cli_status_chat_and_bench_against_the_server(server, llm, tmp_path):
     r = cli("status", "--url", server)
     assert r.returncode == 0, r.stderr
     assert f"glm-ray at {server}: healthy" in r.stdout and "model glm-tiny" in r.stdout
+    assert "computing in float32" in r.stdout
     assert "group 0: 4 experts (0-3), 1 replica(s)" in r.stdout and "group 1: 4 experts (4-7)" in r.stdout
     assert "tokens/s" in r.stdout and "busy" in r.stdout  # each group's load
     assert "attention replicas: 1" in r.stdout and "KV cache" in r.stdout

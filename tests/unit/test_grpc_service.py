@@ -17,7 +17,7 @@ from glm_ray.engine.sampling_params import SamplingParams
 from glm_ray.llm import LLM
 from glm_ray.serving.grpc_service import GenerationService, GrpcError
 from glm_ray.serving.openai.backend import LocalBackend
-from glm_ray.serving.openai.middleware import Admission
+from glm_ray.serving.admission import Admission
 from glm_ray.tokenizer import Tokenizer
 from glm_ray.v1 import generate_pb2 as pb
 from glm_ray.v1 import generate_pb2_grpc as pb_grpc

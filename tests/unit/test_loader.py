@@ -145,7 +145,10 @@ def test_fused_weights_match_the_checkpoint(tiny_model_dir):
     assert torch.equal(w13, torch.cat([raw[f"model.layers.2.mlp.experts.3.{p}_proj.weight"] for p in ("gate", "up")]))
 
 
-def test_bf16_checkpoint_dtypes(tmp_path):
+def test_bf16_checkpoint_dtypes(tmp_path, monkeypatch):
+    import glm_ray.model.cpu as cpu
+
+    monkeypatch.setattr(cpu, "this_cpu_has_native_bf16", lambda: True)  # auto keeps the checkpoint's bf16
     d = make_model(tmp_path / "bf16", "tiny", dtype="bfloat16")
     auto = load_weights(d)
     assert auto.dense["layers.1.self_attn.qkv_proj.weight"].dtype == torch.bfloat16
@@ -174,3 +177,32 @@ def test_no_routed_expert_in_the_dense_part(tiny_model_dir):
     names = [n for n, _ in model.named_parameters()]
     assert not any("experts." in n and "shared_experts" not in n for n in names)
     assert experts.numel() == len(config.moe_layers) * 8 * 3 * 32 * 64
+
+
+def test_auto_dtype_is_fp32_on_a_cpu_without_native_bf16(tmp_path, monkeypatch):
+    import glm_ray.model.cpu as cpu
+
+    d = make_model(tmp_path / "bf16", "tiny", dtype="bfloat16")
+    monkeypatch.setattr(cpu, "this_cpu_has_native_bf16", lambda: False)
+    auto = load_weights(d)
+    assert auto.dense["layers.1.self_attn.qkv_proj.weight"].dtype == torch.float32  # upcast at load
+    assert auto.experts[1].w13.dtype == torch.float32
+    assert load_weights(d, dtype="bfloat16").experts[1].w13.dtype == torch.bfloat16  # explicit bf16 is bf16
+    f32_checkpoint = make_model(tmp_path / "f32", "tiny", dtype="float32")
+    assert load_weights(f32_checkpoint).experts[1].w13.dtype == torch.float32
+
+
+@pytest.mark.parametrize("machine, flags, native", [
+    ("x86_64", "fpu sse avx2 fma", False),
+    ("x86_64", "fpu avx2 avx512f avx512_bf16", True),
+    ("x86_64", "fpu avx2 amx_bf16 amx_tile", True),
+    ("aarch64", "fp asimd sve", False),
+    ("aarch64", "fp asimd sve bf16 i8mm", True),
+    ("riscv64", "rv64imafdc", True),  # unknown: keep the checkpoint's dtype
+])
+def test_native_bf16_from_cpuinfo(machine, flags, native):
+    from glm_ray.model.cpu import native_bf16
+
+    key = "Features" if machine == "aarch64" else "flags"
+    assert native_bf16(f"processor\t: 0\n{key}\t\t: {flags}\n", machine) is native
+    assert native_bf16("", machine) is True  # nothing to read: no change

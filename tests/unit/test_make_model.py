@@ -42,7 +42,7 @@ def test_small_preset_bf16(tmp_path):
     c = load_model_config(d)
     assert (c.hidden_size, c.num_hidden_layers, c.intermediate_size, c.n_routed_experts) == (512, 8, 1024, 32)
     assert (c.num_experts_per_tok, c.moe_intermediate_size, c.num_attention_heads, c.head_dim) == (4, 256, 8, 64)
-    w = load_weights(d, dense=False, expert_ids=[0])
+    w = load_weights(d, dense=False, expert_ids=[0], dtype="bfloat16")
     assert w.experts[1].w13.dtype == torch.bfloat16
 
 

@@ -67,7 +67,9 @@ def greedy(**kw) -> SamplingParams:
 
 
 def test_models(client):
-    assert [m.id for m in client.models.list().data] == [MODEL]
+    models = client.models.list().data
+    assert [m.id for m in models] == [MODEL]
+    assert models[0].model_extra["dtype"] == "float32"  # what the model computes in
 
 
 def test_completion_greedy_equals_llm(client, reference):

@@ -22,7 +22,8 @@ from glm_ray.serving.openai.chat import create_chat_completion
 from glm_ray.serving.openai.completions import create_completion
 from glm_ray.serving.openai.errors import OpenAIError, error_response, from_exception, from_validation_error
 from glm_ray.serving.openai.metrics import Metrics
-from glm_ray.serving.openai.middleware import Admission, RequestGuard
+from glm_ray.serving.admission import Admission
+from glm_ray.serving.openai.middleware import RequestGuard
 from glm_ray.serving.openai.schemas import ChatCompletionRequest, CompletionRequest
 
 DEFAULT_MAX_BODY_BYTES = 32 << 20
@@ -77,7 +78,8 @@ def create_app(backend: Backend, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
         b = request.app.state.backend
         return {"object": "list", "data": [{"id": b.model_name, "object": "model", "created": app.state.created,
                                             "owned_by": "glm-ray", "max_model_len": b.max_model_len,
-                                            "vocab_size": b.tokenizer.vocab_size}]}
+                                            "vocab_size": b.tokenizer.vocab_size,
+                                            "dtype": getattr(b, "dtype", None)}]}
 
     @app.post("/v1/completions", openapi_extra=_body_schema(CompletionRequest))
     async def completions(request: Request):

@@ -54,6 +54,7 @@ class LocalBackend:
         self.tokenizer = engine.tokenizer
         self.max_model_len = engine.engine.limits.max_model_len
         self.max_output_tokens = engine.engine.limits.max_output_tokens
+        self.dtype = str(engine.engine.dtype).removeprefix("torch.")
 
     async def generate(self, request: dict) -> AsyncIterator[dict]:
         params = SamplingParams(**request["sampling_params"])  # ValueError names the bad field

@@ -1,11 +1,12 @@
 """An ASGI middleware that guards the app before any route runs: API keys (401), body size (413),
-requests in flight (429, counted with `Admission` together with gRPC streams), and the per-endpoint
+requests in flight (429, counted with `Admission`, serving/admission.py, together with gRPC streams), and the per-endpoint
 request counter of /metrics (it sees every final status)."""
 
 from __future__ import annotations
 
 import json
 
+from glm_ray.serving.admission import Admission
 from glm_ray.serving.api_keys import OPEN_PATHS, ApiKeys
 from glm_ray.serving.openai.errors import OpenAIError
 from glm_ray.serving.openai.metrics import Metrics
@@ -17,21 +18,6 @@ GENERATE_ENDPOINTS = frozenset({"/v1/completions", "/v1/chat/completions"})
 
 class BodyTooLarge(Exception):
     pass
-
-
-class Admission:
-    """Generation requests in flight at one ingress replica, HTTP and gRPC together; beyond the
-    limit new ones are turned away (429 / RESOURCE_EXHAUSTED) instead of queueing without bound."""
-
-    def __init__(self, limit: int):
-        self.limit = limit
-        self.in_flight = 0
-
-    def busy_error(self) -> OpenAIError | None:
-        if self.in_flight < self.limit:
-            return None
-        return OpenAIError(429, f"the server has {self.in_flight} requests in flight (limit {self.limit}); "
-                                "retry shortly", headers={"Retry-After": "1"})
 
 
 class RequestGuard:
