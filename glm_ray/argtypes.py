@@ -15,6 +15,16 @@ def positive_int(text: str) -> int:
     return value
 
 
+def non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} must be at least 0")
+    return value
+
+
 def number_in(low: float, high: float, *, low_open: bool = False):
     """An argparse type: a float in [low, high] (or (low, high]), the message naming the value."""
     def parse(text: str) -> float:

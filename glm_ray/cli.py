@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from glm_ray.argtypes import number_in, positive_int
+from glm_ray.argtypes import non_negative_int, number_in, positive_int
 
 
 def _model_dir(args) -> Path:
@@ -155,7 +155,8 @@ def add_serve_flags(p: argparse.ArgumentParser) -> None:
     """The flags `glm-ray serve` and `glm-ray config` share."""
     p.add_argument("--model", default=None, help="checkpoint directory (default: the built-in tiny model, "
                    "random weights)")
-    p.add_argument("--expert-groups", type=positive_int, default=None, help="G, number of expert groups")
+    p.add_argument("--expert-groups", type=non_negative_int, default=None,
+                   help="G, number of expert groups; 0: colocated, the routed experts inside each attention replica")
     p.add_argument("--attention-replicas", type=replicas_arg, default=None, metavar="N|MIN:MAX",
                    help="attention replicas: a fixed N, or MIN:MAX to autoscale on demand")
     p.add_argument("--expert-replicas", type=replicas_arg, default=None, metavar="N|MIN:MAX",

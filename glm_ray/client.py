@@ -120,6 +120,8 @@ def status_report(client: ServerClient) -> str:
     replicas, load = experts.get("replicas", {}), experts.get("load", {})
     if groups:
         lines.append(f"expert groups: {len(groups)} (routing table version {experts.get('version')})")
+    elif "placement" in experts:
+        lines.append("expert groups: 0 (colocated: every attention replica holds every routed expert)")
     group_load = experts.get("groups") or {}
     for g, members in enumerate(groups):
         addresses = replicas.get(str(g), [])

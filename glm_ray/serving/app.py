@@ -32,7 +32,13 @@ def resolve_model_dir(config: ServeConfig) -> str:
     return str(default_model_dir())
 
 
-def placement_for(config: ServeConfig, num_experts: int) -> Placement:
+def placement_for(config: ServeConfig, num_experts: int) -> Placement | None:
+    """The expert groups' table; None when colocated (`expert_groups: 0`)."""
+    if config.expert_groups == 0:
+        if config.placement is not None:
+            raise ValueError("placement is set but expert_groups is 0 (colocated: every attention replica holds "
+                             "every routed expert)")
+        return None
     if config.placement is not None:
         placement = Placement(config.placement)
         if len(placement.groups) != config.expert_groups:
@@ -55,7 +61,7 @@ def build_app(config: ServeConfig | dict) -> Application:
     auth = dispatch_auth(cfg)  # one secret for every deployment of this app
 
     router = ExpertRouter.options(ray_actor_options=cfg.router_resources.ray_actor_options(), **shutdown).bind(
-        placement.to_dict(), cfg.expert_groups, cfg.heartbeat_ttl_s)
+        placement.to_dict() if placement else {"version": 0, "groups": []}, cfg.expert_groups, cfg.heartbeat_ttl_s)
     # an expert replica's drain (leave the table, serve until attention replicas re-read it, finish
     # what is computing) must fit in Serve's force-kill deadline
     drain_wait_s, stop_grace_s = cfg.expert_drain_wait_s(), 2.0
@@ -84,7 +90,8 @@ def build_app(config: ServeConfig | dict) -> Application:
     attention = AttentionReplica.options(
         name="AttentionReplica", max_ongoing_requests=cfg.max_ongoing_requests, **attention_replicas,
         ray_actor_options=cfg.attention_resources.ray_actor_options(), **attention_shutdown).bind(
-        model_dir, engine_options, placement.to_dict(), router, cfg.snapshot_refresh_s, cfg.expert_wait_s,
+        model_dir, engine_options, placement.to_dict() if placement else None, router, cfg.snapshot_refresh_s,
+        cfg.expert_wait_s,
         cfg.threads_for(cfg.attention_resources), dispatch_auth=auth)
     model_name = cfg.served_model_name or (Path(model_dir).name if cfg.model else DEFAULT_MODEL_NAME)
     return Ingress.options(ray_actor_options=cfg.ingress_resources.ray_actor_options(), **shutdown).bind(

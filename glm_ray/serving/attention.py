@@ -17,7 +17,10 @@ from glm_ray.engine.sampling_params import SamplingParams
 from glm_ray.experts.auth import DispatchAuth
 from glm_ray.experts.backend import ExpertBackend
 from glm_ray.experts.policy import PowerOfTwoChoices
+from glm_ray.config import load_model_config
+from glm_ray.experts.local import LocalExperts
 from glm_ray.experts.remote import RemoteExperts
+from glm_ray.model.loader import load_weights
 from glm_ray.router.placement import Placement
 from glm_ray.serving.autoscaling import KV_USAGE, SEQUENCES
 from glm_ray.router.registry import Snapshot
@@ -98,22 +101,32 @@ class RouterSnapshots:
 
 @serve.deployment(max_ongoing_requests=256, graceful_shutdown_wait_loop_s=0.1)
 class AttentionReplica:
-    def __init__(self, model_dir: str, engine_options: dict, placement: dict, router,
+    def __init__(self, model_dir: str, engine_options: dict, placement: dict | None, router,
                  refresh_s: float = 1.0, expert_wait_s: float = 10.0, num_threads: int = 1,
                  dispatch_auth: dict | None = None):
-        """num_threads: threads sharing each layer's attention calls and projection rows; torch itself
-        runs one, as its OpenMP team would sleep through every expert wait and wake at each small op
-        (engine/attention_workers.py). dispatch_auth: the cluster secret and TLS for calls to expert
-        replicas (DispatchAuth.to_dict()'s shape; None: neither)."""
-        torch.set_num_threads(1)
-        auth = DispatchAuth.from_dict(dispatch_auth) if dispatch_auth else None
-        table = Placement.from_dict(placement)
+        """placement: the expert groups' table, routed experts reached over gRPC; None: colocated,
+        every routed expert loaded here (`expert_groups: 0`). num_threads: with remote experts,
+        threads sharing each layer's attention calls and projection rows, torch itself running one,
+        as its OpenMP team would sleep through every expert wait and wake at each small op
+        (engine/attention_workers.py); colocated, torch's own threads (nothing to wait for).
+        dispatch_auth: the cluster secret and TLS for calls to expert replicas
+        (DispatchAuth.to_dict()'s shape; None: neither)."""
         self.snapshots = RouterSnapshots(router, refresh_s)
-        self.experts = RemoteExperts(table, self.snapshots, policy=PowerOfTwoChoices(),
-                                     unavailable_wait_s=expert_wait_s, auth=auth)
-        self.counter = RoutingCounter(self.experts, table.num_experts)
+        if placement is None:
+            torch.set_num_threads(num_threads)
+            weights = load_weights(model_dir, dtype=engine_options.get("dtype", "auto"), dense=False)
+            self.experts, workers = LocalExperts(weights.experts), 1
+            num_experts = load_model_config(model_dir).n_routed_experts
+        else:
+            torch.set_num_threads(1)
+            auth = DispatchAuth.from_dict(dispatch_auth) if dispatch_auth else None
+            table = Placement.from_dict(placement)
+            self.experts = RemoteExperts(table, self.snapshots, policy=PowerOfTwoChoices(),
+                                         unavailable_wait_s=expert_wait_s, auth=auth)
+            workers, num_experts = num_threads, table.num_experts
+        self.counter = RoutingCounter(self.experts, num_experts)
         self.snapshots.report = self.counter.take_counts
-        self.engine = AsyncLLMEngine(model_dir, EngineOptions(**{**engine_options, "attention_workers": num_threads}),
+        self.engine = AsyncLLMEngine(model_dir, EngineOptions(**{**engine_options, "attention_workers": workers}),
                                      experts=self.counter)
         self.snapshots.replica_id = serve.get_replica_context().replica_tag
         self.snapshots.load = self.load  # reported from now on, the engine being up
@@ -129,10 +142,12 @@ class AttentionReplica:
             yield delta_to_dict(delta)
 
     def resident(self) -> dict:
-        """Parameter counts held here, to show no routed expert lives on the attention side."""
+        """Parameter counts held here, to show no routed expert lives on the attention side (or,
+        colocated, that they all do: `local_expert_params`)."""
         model = self.engine.engine.model
         names = [n for n, _ in model.named_parameters()]
-        return {"num_params": sum(p.numel() for p in model.parameters()),
+        local = self.experts.numel() if isinstance(self.experts, LocalExperts) else 0
+        return {"num_params": sum(p.numel() for p in model.parameters()), "local_expert_params": local,
                 "routed_expert_params": sum(p.numel() for n, p in model.named_parameters()
                                             if ".experts." in n and "shared_experts" not in n),
                 "parameter_names": names,
@@ -140,9 +155,10 @@ class AttentionReplica:
 
     def dispatch_stats(self) -> dict:
         """Counters since the last call: gRPC dispatch (calls, retries, bytes, serialise/wait/server
-        compute seconds) and engine steps (count, seconds, batched tokens)."""
+        compute seconds; none when colocated) and engine steps (count, seconds, batched tokens)."""
         engine = self.engine.engine.step_stats
-        out = {**self.experts.stats.take(), **{f"engine_{k}": v for k, v in engine.items()}}
+        transport = self.experts.stats.take() if isinstance(self.experts, RemoteExperts) else {}
+        out = {**transport, **{f"engine_{k}": v for k, v in engine.items()}}
         for k in engine:
             engine[k] = type(engine[k])()
         return out

@@ -50,7 +50,9 @@ class ServeConfig(BaseModel):
 
     model: str | None = Field(None, description="checkpoint directory; None builds/uses the built-in tiny model")
     served_model_name: str | None = Field(None, description="the `model` clients send; default the directory's name")
-    expert_groups: int = Field(2, ge=1, description="G: routed experts are split into this many groups")
+    expert_groups: int = Field(2, ge=0, description="G: routed experts are split into this many groups, each its own "
+                               "deployment; 0: colocated, every attention replica holds every routed expert (one "
+                               "node, no expert dispatch)")
     attention_replicas: int = Field(1, ge=1, description="N: attention replicas (each runs an engine); with "
                                     "attention_autoscaling, ignored")
     expert_replicas: int | list[int] = Field(1, description="replicas per expert group: one number for all, or one "

@@ -62,7 +62,8 @@ def model_name(cfg) -> str:
 def banner(cfg) -> str:
     from glm_ray.serving.credentials import resolve_api_keys
 
-    lines = [f"glm-ray serving {cfg.model or 'the built-in tiny model'}: {cfg.expert_groups} expert group(s), "
+    groups = f"{cfg.expert_groups} expert group(s)" if cfg.expert_groups else "routed experts colocated"
+    lines = [f"glm-ray serving {cfg.model or 'the built-in tiny model'}: {groups}, "
              f"{cfg.attention_replicas} attention replica(s)"]
     if cfg.model is None:
         lines += ["  NOTE: the built-in model has random weights, so its text is noise: it shows the server works.",

@@ -80,6 +80,31 @@ def test_distributed_equals_in_process(ray_serve, tiny_model_dir, reference, gro
         undeploy()
 
 
+def test_colocated_equals_in_process(ray_serve, tiny_model_dir, reference):
+    """`expert_groups: 0`: no expert deployment, every routed expert inside the attention replica,
+    the same front end, router statistics and outputs."""
+    from ray import serve
+
+    batch, want = reference
+    deploy(ServeConfig(model=str(tiny_model_dir), expert_groups=0, dtype="float32", kv_cache_memory=64 << 20),
+           ray_serve)
+    try:
+        got = generate_all(ray_serve, batch, 12)
+        assert [g["token_ids"] for g in got] == [w.outputs[0].token_ids for w in want]
+        deployments = serve.status().applications[APP].deployments
+        assert not any(name.startswith("ExpertGroup_") for name in deployments)
+        resident = serve.get_deployment_handle("AttentionReplica", app_name=APP).resident.remote().result()
+        assert resident["local_expert_params"] == 8 * 3 * (3 * 32 * 64)  # 8 experts, 3 MoE layers, here
+        deadline = time.monotonic() + 10  # routing counts reach the router with its next table refresh
+        while not (tokens := requests.get(f"{ray_serve}/v1/experts", timeout=10).json()["tokens_per_expert"]):
+            assert time.monotonic() < deadline, "no routing statistics"
+            time.sleep(0.2)
+        assert sum(sum(per_expert) for per_expert in tokens.values()) > 0
+        assert requests.get(f"{ray_serve}/health", timeout=10).status_code == 200
+    finally:
+        undeploy()
+
+
 def test_small_preset_distributed_equals_in_process(ray_serve, tmp_path_factory):
     from glm_ray.model.synthetic import make_model
 
