@@ -1,17 +1,21 @@
 """The engine for servers: many concurrent request streams over one background step loop.
 
 The loop runs in its own thread (a step is blocking torch work and must not stall the event
-loop); requests and aborts reach it through a queue, deltas come back to each request's
-asyncio queue on the caller's loop.
+loop); requests and aborts reach it through a queue. Deltas come back either to each request's
+asyncio queue on the caller's loop (`generate`), or, for a server that multiplexes many requests
+on one connection, to a `DeltaSink` that gets all of its requests' deltas of a step in one call
+(`submit`): one message a step for the connection instead of one per request.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import queue
 import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Protocol
 
 from glm_ray.engine.config import EngineOptions
 from glm_ray.engine.llm_engine import LLMEngine
@@ -19,17 +23,30 @@ from glm_ray.engine.outputs import RequestDelta
 from glm_ray.engine.sampling_params import SamplingParams
 from glm_ray.experts.backend import ExpertBackend
 
+log = logging.getLogger(__name__)
+
 
 class EngineDeadError(RuntimeError):
     """The step loop has stopped; the request cannot complete."""
+
+
+class DeltaSink(Protocol):
+    """Where `submit`ted requests' output goes; called on the engine thread, so keep it quick."""
+
+    def deliver(self, deltas: list[RequestDelta]) -> None:
+        """This step's deltas of this sink's requests (a whole request's only when it finishes)."""
+
+    def fail(self, request_id: str, error: BaseException) -> None:
+        """The request ended without finishing (added while the engine failed, a step failed, shutdown)."""
 
 
 class AsyncLLMEngine:
     def __init__(self, model: str | Path, options: EngineOptions | None = None, experts: ExpertBackend | None = None):
         self.engine = LLMEngine(model, options, experts)
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
-        # request id -> (its caller's loop, its queue, deltas held back for a whole-request client)
-        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue, list | None]] = {}
+        # request id -> (its caller's loop and queue, or None and its DeltaSink; deltas held back
+        # for a whole-request client)
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop | None, asyncio.Queue | DeltaSink, list | None]] = {}
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._stopped = False
@@ -75,6 +92,20 @@ class AsyncLLMEngine:
             if not finished:
                 self.abort(request_id)
 
+    def submit(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, sink: DeltaSink,
+               prompt: str | None = None, whole: bool = False) -> None:
+        """Add a request whose deltas go to `sink` (batched per step with the sink's other requests);
+        `whole`: only the finished request, as one delta. Raises ValueError for an invalid request."""
+        self.engine.validate(prompt_token_ids, params)
+        if self._stopped:
+            raise EngineDeadError("the engine is shut down")
+        with self._lock:
+            if request_id in self._streams:
+                raise ValueError(f"request id {request_id!r} is already running")
+            self._streams[request_id] = (None, sink, [] if whole else None)
+        self._commands.put(("add", request_id, prompt_token_ids, params, prompt))
+        self._wake.set()
+
     def abort(self, request_id: str) -> None:
         with self._lock:
             self._streams.pop(request_id, None)
@@ -92,7 +123,9 @@ class AsyncLLMEngine:
 
     # --- the engine thread ------------------------------------------------------------------
 
-    def _deliver(self, request_id: str, item) -> None:
+    def _deliver(self, request_id: str, item, batches: dict | None = None) -> None:
+        """Hand `item` (a delta or an exception) to the request's consumer; a sink's deltas are
+        collected in `batches` (sink -> deltas) for one call at the end of the step."""
         with self._lock:
             target = self._streams.get(request_id)
             if target is not None and (not isinstance(item, RequestDelta) or item.finished):
@@ -105,7 +138,12 @@ class AsyncLLMEngine:
             if not item.finished:
                 return
             item = RequestDelta.concat(held)
-        loop.call_soon_threadsafe(stream.put_nowait, item)
+        if loop is not None:
+            loop.call_soon_threadsafe(stream.put_nowait, item)
+        elif batches is not None and not isinstance(item, BaseException):
+            batches.setdefault(id(stream), (stream, []))[1].append(item)
+        else:
+            _to_sink(stream, request_id, item)
 
     def _drain_commands(self) -> None:
         while True:
@@ -140,10 +178,24 @@ class AsyncLLMEngine:
                     self.engine.abort(request_id)
                     self._deliver(request_id, EngineStepError(f"engine step failed: {e!r}"))
                 continue
+            batches: dict[int, tuple[DeltaSink, list[RequestDelta]]] = {}
             for delta in deltas:
-                self._deliver(delta.request_id, delta)
+                self._deliver(delta.request_id, delta, batches)
+            for sink, batch in batches.values():
+                _to_sink(sink, None, batch)
         for request_id in list(self._streams):
             self._deliver(request_id, EngineDeadError("the engine was shut down"))
+
+
+def _to_sink(sink: DeltaSink, request_id: str | None, item) -> None:
+    """A sink that fails (its connection gone) must not stop the step loop."""
+    try:
+        if isinstance(item, BaseException):
+            sink.fail(request_id, item)
+        else:
+            sink.deliver(item if isinstance(item, list) else [item])
+    except Exception as e:  # noqa: BLE001
+        log.warning("a delta sink failed: %r", e)
 
 
 class EngineStepError(RuntimeError):

@@ -85,15 +85,17 @@ def build_app(config: ServeConfig | dict) -> Application:
     attention_replicas = (
         {"autoscaling_config": serve_autoscaling_config(cfg.attention_autoscaling, cfg.autoscaling_metrics_interval_s)}
         if cfg.attention_autoscaling else {"num_replicas": cfg.attention_replicas})
-    # Serve stops routing to a replica it scales down and waits for its streams up to this limit
-    attention_shutdown = {**shutdown, "graceful_shutdown_timeout_s": cfg.attention_drain_s}
+    # a replica being scaled down drains itself (its traffic is on the ingress channels, which
+    # Serve does not see): attention_drain_s for its generations, then a few seconds to stop
+    attention_shutdown = {**shutdown, "graceful_shutdown_timeout_s": cfg.attention_drain_s + 10.0}
     attention = AttentionReplica.options(
         name="AttentionReplica", max_ongoing_requests=cfg.max_ongoing_requests, **attention_replicas,
         ray_actor_options=cfg.attention_resources.ray_actor_options(), **attention_shutdown).bind(
         model_dir, engine_options, placement.to_dict() if placement else None, router, cfg.snapshot_refresh_s,
         cfg.expert_wait_s,
-        cfg.threads_for(cfg.attention_resources), dispatch_auth=auth)
+        cfg.threads_for(cfg.attention_resources), dispatch_auth=auth, bind_host=cfg.expert_host,
+        drain_s=cfg.attention_drain_s)
     model_name = cfg.served_model_name or (Path(model_dir).name if cfg.model else DEFAULT_MODEL_NAME)
     return Ingress.options(ray_actor_options=cfg.ingress_resources.ray_actor_options(), **shutdown).bind(
         attention, router, groups, model_dir, model_name, engine_options, cfg.max_body_bytes, cfg.max_pending_requests,
-        api_keys=resolve_api_keys(cfg))
+        api_keys=resolve_api_keys(cfg), dispatch_auth=auth, refresh_s=cfg.snapshot_refresh_s)

@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 import uuid
+
+import ray
 
 import torch
 from ray import serve
@@ -19,9 +22,10 @@ from glm_ray.experts.backend import ExpertBackend
 from glm_ray.experts.policy import PowerOfTwoChoices
 from glm_ray.config import load_model_config
 from glm_ray.experts.local import LocalExperts
-from glm_ray.experts.remote import RemoteExperts
+from glm_ray.experts.remote import EventLoopThread, RemoteExperts
 from glm_ray.model.loader import load_weights
 from glm_ray.router.placement import Placement
+from glm_ray.serving.attention_channel import AttentionChannelServer
 from glm_ray.serving.autoscaling import KV_USAGE, SEQUENCES
 from glm_ray.router.registry import Snapshot
 from glm_ray.serving.protocol import delta_to_dict
@@ -62,6 +66,7 @@ class RouterSnapshots:
     def __init__(self, router, refresh_s: float, report=None, load=None, replica_id: str = ""):
         self.router, self.refresh_s, self.report = router, refresh_s, report
         self.load, self.replica_id = load, replica_id
+        self.address: str | None = None  # this replica's channel, advertised with each load report
         self._current = Snapshot(-1, {})
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -88,7 +93,7 @@ class RouterSnapshots:
                 if counts:
                     self.router.report_routing.remote(counts)
                 if self.load is not None:
-                    self.router.report_attention.remote(self.replica_id, self.load())
+                    self.router.report_attention.remote(self.replica_id, self.load(), self.address)
             except Exception as e:
                 log.warning("reading the router snapshot failed: %r", e)
             self._wake.wait(self.refresh_s)
@@ -103,14 +108,19 @@ class RouterSnapshots:
 class AttentionReplica:
     def __init__(self, model_dir: str, engine_options: dict, placement: dict | None, router,
                  refresh_s: float = 1.0, expert_wait_s: float = 10.0, num_threads: int = 1,
-                 dispatch_auth: dict | None = None):
+                 dispatch_auth: dict | None = None, *, bind_host: str = "127.0.0.1", drain_s: float = 300.0):
         """placement: the expert groups' table, routed experts reached over gRPC; None: colocated,
         every routed expert loaded here (`expert_groups: 0`). num_threads: with remote experts,
         threads sharing each layer's attention calls and projection rows, torch itself running one,
         as its OpenMP team would sleep through every expert wait and wake at each small op
         (engine/attention_workers.py); colocated, torch's own threads (nothing to wait for).
-        dispatch_auth: the cluster secret and TLS for calls to expert replicas
-        (DispatchAuth.to_dict()'s shape; None: neither)."""
+        dispatch_auth: the cluster secret and TLS of the dispatch plane, for calls to expert
+        replicas and on this replica's channel server (DispatchAuth.to_dict()'s shape; None:
+        neither). Ingress replicas send requests over that channel (attention_channel.py), found
+        at `bind_host` through the router; `drain_s`: how long a scale-down leaves running
+        generations to finish."""
+        self.router, self.drain_s = router, drain_s
+        auth = DispatchAuth.from_dict(dispatch_auth) if dispatch_auth else None
         self.snapshots = RouterSnapshots(router, refresh_s)
         if placement is None:
             torch.set_num_threads(num_threads)
@@ -119,7 +129,6 @@ class AttentionReplica:
             num_experts = load_model_config(model_dir).n_routed_experts
         else:
             torch.set_num_threads(1)
-            auth = DispatchAuth.from_dict(dispatch_auth) if dispatch_auth else None
             table = Placement.from_dict(placement)
             self.experts = RemoteExperts(table, self.snapshots, policy=PowerOfTwoChoices(),
                                          unavailable_wait_s=expert_wait_s, auth=auth)
@@ -128,7 +137,13 @@ class AttentionReplica:
         self.snapshots.report = self.counter.take_counts
         self.engine = AsyncLLMEngine(model_dir, EngineOptions(**{**engine_options, "attention_workers": workers}),
                                      experts=self.counter)
+        self.channel = AttentionChannelServer(self.engine, auth)
+        self.io = EventLoopThread("attention-channel")
+        address = self.io.run(self.channel.start(bind_host, 0))
+        if bind_host in ("0.0.0.0", "::"):
+            address = f"{ray.util.get_node_ip_address()}:{address.rsplit(':', 1)[1]}"
         self.snapshots.replica_id = serve.get_replica_context().replica_tag
+        self.snapshots.address = address  # ingresses learn it from the router with the first report
         self.snapshots.load = self.load  # reported from now on, the engine being up
 
     async def generate(self, request: dict):
@@ -182,8 +197,33 @@ class AttentionReplica:
                 "prefix_hit_tokens": s.num_prefix_hit_tokens, "preemptions": s.num_preemptions}
 
     def __del__(self):
+        """Scale-down or shutdown: stop advertising the channel, refuse new requests (the ingress
+        sends them elsewhere), give running generations `drain_s` to finish, end what is left
+        with a retryable error, then stop. Runs even if __init__ failed part-way."""
+        snapshots, channel, io = getattr(self, "snapshots", None), getattr(self, "channel", None), \
+            getattr(self, "io", None)
+        if snapshots is not None:
+            snapshots.address = None
+            try:
+                self.router.unregister_attention.remote(snapshots.replica_id).result(timeout_s=5)
+            except Exception as e:  # noqa: BLE001 - the router is gone too: its TTL drops us
+                log.warning("unregistering the attention replica failed: %r", e)
+        if channel is not None and io is not None:
+            channel.draining = True
+            deadline = time.monotonic() + self.drain_s
+            if channel.running():
+                log.info("attention replica draining: %d generation(s) running, %.0f s to finish",
+                         channel.running(), self.drain_s)
+            while channel.running() and time.monotonic() < deadline:
+                time.sleep(0.1)
+            cut = io.run(channel.fail_all(f"the attention replica serving it stopped after its drain limit "
+                                          f"({self.drain_s:.0f} s); retry the request"), timeout=10)
+            if cut:
+                log.warning("attention replica drain limit: %d generation(s) ended with a retryable error", cut)
+            io.run(channel.stop(1.0), timeout=10)
+            io.stop()
         engine = getattr(self, "engine", None)
         if engine is not None:
             engine.shutdown()
-        if hasattr(self, "snapshots"):
-            self.snapshots.close()
+        if snapshots is not None:
+            snapshots.close()

@@ -76,7 +76,8 @@ class ServeConfig(BaseModel):
     host: str = Field("127.0.0.1", description="HTTP bind address")
     http_port: int = Field(8000, ge=0, le=65535, description="HTTP port of the ingress")
     grpc_port: int = Field(9000, ge=0, le=65535, description="gRPC port of Serve's gRPC proxy")
-    expert_host: str = Field("127.0.0.1", description="bind address of expert gRPC servers (0.0.0.0 on clusters)")
+    expert_host: str = Field("127.0.0.1", description="bind address of the dispatch plane's gRPC servers: expert "
+                             "groups, and the channels attention replicas take requests on (0.0.0.0 on clusters)")
 
     kv_cache_memory: int = Field(512 << 20, ge=1, description="bytes of KV cache per attention replica")
     max_num_seqs: int = Field(64, ge=1, description="sequences running at once per attention replica")

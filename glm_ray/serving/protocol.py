@@ -33,3 +33,13 @@ def delta_to_dict(d: RequestDelta) -> dict:
         else None,
         "metrics": metrics_to_dict(d.metrics) if d.metrics is not None else None,
     }
+
+
+def merge_delta_dicts(earlier: dict, later: dict) -> dict:
+    """Two consecutive delta dicts of one request as one (a reader that fell behind)."""
+    logprobs = None
+    if earlier["logprobs"] is not None or later["logprobs"] is not None:
+        logprobs = (earlier["logprobs"] or []) + (later["logprobs"] or [])
+    return {**later, "token_ids": earlier["token_ids"] + later["token_ids"], "text": earlier["text"] + later["text"],
+            "logprobs": logprobs, "prompt_logprobs": earlier["prompt_logprobs"] or later["prompt_logprobs"],
+            "metrics": later["metrics"] or earlier["metrics"]}

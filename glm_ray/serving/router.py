@@ -23,6 +23,8 @@ class ExpertRouter:
         self.window_s = stats_window_s
         self.routing: deque = deque()  # (time, {layer: [tokens per expert]})
         self.attention: dict[str, tuple[float, dict]] = {}  # replica id -> (time, its last load report)
+        self.attention_addresses: dict[str, str] = {}  # replica id -> its channel address (registered, live)
+        self.attention_draining: set[str] = set()  # replica ids that left for good
 
     async def register(self, group: int, address: str, replica_id: str) -> int:
         return self.registry.register(group, address, replica_id)
@@ -47,15 +49,29 @@ class ExpertRouter:
         while self.routing and now - self.routing[0][0] > self.window_s:
             self.routing.popleft()
 
-    async def report_attention(self, replica_id: str, load: dict) -> None:
-        """An attention replica's demand (sequences, KV usage), sent with each table refresh."""
+    async def unregister_attention(self, replica_id: str) -> None:
+        """A draining attention replica: no new requests (its running ones finish)."""
+        self.attention_addresses.pop(replica_id, None)
+        self.attention_draining.add(replica_id)  # a report still on its way must not bring it back
+
+    async def attention_table(self) -> dict[str, str]:
+        """{replica id: channel address} of the live attention replicas taking requests."""
+        live = self._attention_load()
+        return {r: a for r, a in sorted(self.attention_addresses.items()) if r in live}
+
+    async def report_attention(self, replica_id: str, load: dict, address: str | None = None) -> None:
+        """An attention replica's demand (sequences, KV usage), sent with each table refresh, and
+        the address of its channel while it takes requests (a restarted router learns it again)."""
         self.attention[replica_id] = (time.monotonic(), load)
+        if address and replica_id not in self.attention_draining:
+            self.attention_addresses[replica_id] = address
 
     def _attention_load(self) -> dict[str, dict]:
-        # a silent replica (stopped, or its refresh stalled) drops out after a few refreshes' worth
+        # a silent replica (crashed, or its refresh stalled) drops out after a few refreshes' worth
         now = time.monotonic()
         self.attention = {r: (t, load) for r, (t, load) in self.attention.items() if now - t <= 3 * self.ttl_s}
-        return {r: load for r, (_, load) in sorted(self.attention.items())}
+        self.attention_addresses = {r: a for r, a in self.attention_addresses.items() if r in self.attention}
+        return {r: load for r, (_, load) in sorted(self.attention.items()) if load}
 
     async def status(self) -> dict:
         snap = self.registry.snapshot()

@@ -1,5 +1,6 @@
-"""The OpenAI front end's `Backend` over Ray Serve handles: attention replicas stream deltas,
-the router answers health, placement and routing statistics."""
+"""The OpenAI front end's `Backend` in the Serve app: requests go to attention replicas over the
+ingress channels (attention_links.py: one gRPC stream per attention replica, a step's deltas of
+all requests in one message); the router answers health, placement and routing statistics."""
 
 from __future__ import annotations
 
@@ -7,9 +8,11 @@ import asyncio
 from collections.abc import AsyncIterator
 
 from glm_ray.config import load_model_config
+from glm_ray.experts.auth import DispatchAuth
 from glm_ray.engine.config import EngineLimits, EngineOptions
 from glm_ray.engine.kv_cache import kv_bytes_per_token
 from glm_ray.model.loader import resolve_dtype
+from glm_ray.serving.attention_links import AttentionLinks
 from glm_ray.tokenizer import Tokenizer
 
 
@@ -17,10 +20,12 @@ ATTENTION_PROBE_S = 5.0
 
 
 class ServeBackend:
-    def __init__(self, attention, router, model_dir: str, model_name: str, engine_options: dict):
+    def __init__(self, attention, router, model_dir: str, model_name: str, engine_options: dict,
+                 dispatch_auth: dict | None = None, refresh_s: float = 1.0):
         self.attention = attention
-        self.stream = attention.options(stream=True)
         self.router = router
+        auth = DispatchAuth.from_dict(dispatch_auth) if dispatch_auth else None
+        self.links = AttentionLinks(self._attention_table, auth, refresh_s)
         self.model_name = model_name
         self.tokenizer = Tokenizer.from_pretrained(model_dir)
         config = load_model_config(model_dir)
@@ -31,8 +36,11 @@ class ServeBackend:
         limits = EngineLimits.resolve(options, config, kv_bytes_per_token(config, dtype))
         self.max_model_len, self.max_output_tokens = limits.max_model_len, limits.max_output_tokens
 
+    async def _attention_table(self) -> dict[str, str]:
+        return await self.router.attention_table.remote()
+
     async def generate(self, request: dict) -> AsyncIterator[dict]:
-        async for delta in self.stream.generate.remote(request):
+        async for delta in self.links.generate(request):
             yield delta
 
     async def health(self) -> tuple[bool, dict]:
@@ -45,6 +53,8 @@ class ServeBackend:
             problems.append(f"no attention replica answered within {ATTENTION_PROBE_S:.0f} s ({type(e).__name__})")
         if status["missing_groups"]:
             problems.append(f"expert groups without a live replica: {status['missing_groups']}")
+        if not await self.router.attention_table.remote():
+            problems.append("no attention replica takes requests (none has registered its channel with the router)")
         # replica counts, not addresses: /health stays open when API keys guard everything else
         detail = {"status": "; ".join(problems) or "ok", "model": self.model_name,
                   "replicas": {g: len(a) for g, a in status["replicas"].items()}}

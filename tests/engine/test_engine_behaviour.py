@@ -248,3 +248,52 @@ def test_attention_workers_give_the_same_outputs(tiny_model_dir, llm):
 def test_attention_workers_must_be_positive(tiny_model_dir):
     with pytest.raises(ValueError, match="attention_workers must be an integer >= 1, got 0"):
         LLM(tiny_model_dir, attention_workers=0)
+
+
+def test_submit_batches_a_sinks_deltas_per_step(tiny_model_dir):
+    """`submit`: every step's deltas of a sink's requests arrive in one call, equal to `generate`'s."""
+    import threading
+
+    from glm_ray.engine.async_engine import AsyncLLMEngine
+    from glm_ray.engine.config import EngineOptions
+    from glm_ray.engine.outputs import RequestDelta
+
+    class Sink:
+        def __init__(self):
+            self.calls, self.failed, self.done = [], [], threading.Event()
+
+        def deliver(self, deltas):
+            self.calls.append(deltas)
+            if sum(d.finished for batch in self.calls for d in batch) == 4:
+                self.done.set()
+
+        def fail(self, request_id, error):
+            self.failed.append((request_id, error))
+
+    engine = AsyncLLMEngine(tiny_model_dir, EngineOptions(dtype="float32", max_model_len=256))
+    try:
+        sink = Sink()
+        params = greedy(max_tokens=6, ignore_eos=True)
+        prompts = [[5, 9, 11], [300, 2], [7] * 9, [40, 41, 42, 43]]
+        for i, p in enumerate(prompts[:3]):
+            engine.submit(f"r{i}", p, params, sink)
+        engine.submit("whole", prompts[3], params, sink, whole=True)
+        with pytest.raises(ValueError, match="already running"):
+            engine.submit("r0", prompts[0], params, sink)
+        with pytest.raises(ValueError):
+            engine.submit("bad", [10 ** 9], params, sink)  # out of the vocabulary
+        assert sink.done.wait(60) and not sink.failed
+        per_request: dict[str, list] = {}
+        for batch in sink.calls:
+            assert len({d.request_id for d in batch}) == len(batch)  # one delta per request per call
+            for d in batch:
+                per_request.setdefault(d.request_id, []).append(d)
+        assert len(per_request["whole"]) == 1  # held back until finished
+        reference = LLM(tiny_model_dir, dtype="float32", max_model_len=256)
+        for i, p in enumerate(prompts):
+            rid = f"r{i}" if i < 3 else "whole"
+            got = RequestDelta.concat(per_request[rid])
+            assert got.new_token_ids == reference.generate([{"prompt_token_ids": p}], params)[0].outputs[0].token_ids
+        assert len(sink.calls) < sum(len(v) for v in per_request.values())  # batched, not one call a delta
+    finally:
+        engine.shutdown()

@@ -314,37 +314,66 @@ def test_cli_status_chat_and_bench_against_the_server(server, llm, tmp_path):
 
 @pytest.fixture(scope="module")
 def scripted(server, tiny_model_dir):
-    """The real ingress on Serve (HTTP proxy, streaming handles, parsers) over an attention
-    deployment that replays canned GLM output: a random-weights model never emits tool calls."""
+    """The real ingress on Serve (HTTP proxy, channel to the attention side, parsers) over an
+    attention deployment that replays canned GLM output: a random-weights model never emits tool calls."""
     from ray import serve
 
     from fake_backend import GLM_OUTPUT, pieces
     from glm_ray.serving.ingress import Ingress
     from glm_ray.serving.router import ExpertRouter
 
-    app = Ingress.bind(ScriptedAttention.bind(pieces(GLM_OUTPUT, 3)),
-                       ExpertRouter.bind({"version": 1, "groups": [list(range(8))]}, 1, 3.0), [], str(tiny_model_dir),
-                       "glm-scripted", {"dtype": "float32", "max_model_len": 4096})
+    router = ExpertRouter.bind({"version": 1, "groups": [list(range(8))]}, 1, 3.0)
+    app = Ingress.bind(ScriptedAttention.bind(pieces(GLM_OUTPUT, 3), router), router, [], str(tiny_model_dir),
+                       "glm-scripted", {"dtype": "float32", "max_model_len": 4096}, refresh_s=0.2)
     serve.run(app, name="scripted", route_prefix="/scripted")
     yield openai.OpenAI(base_url=f"{server}/scripted/v1", api_key="unused", max_retries=0)
     serve.delete("scripted")
 
 
 def _scripted_attention():
+    """Defined in a function, so Serve ships the classes by value (the test module is not importable
+    in a replica)."""
     from ray import serve
 
-    @serve.deployment(ray_actor_options={"num_cpus": 0.1})
-    class ScriptedAttention:
+    class ScriptedEngine:
+        """What AttentionChannelServer needs of an engine: every request replays the script."""
+
         def __init__(self, script: list[str]):
             self.script = script
 
-        async def generate(self, request: dict):
-            for i, piece in enumerate(self.script):
-                last = i == len(self.script) - 1
-                yield {"request_id": request["request_id"], "token_ids": [7], "text": piece, "logprobs": None,
-                       "finish_reason": "stop" if last else None, "stop_reason": None,
-                       "num_prompt_tokens": len(request["prompt_token_ids"]), "num_output_tokens": i + 1,
-                       "prompt_logprobs": None}
+        def submit(self, request_id, prompt_token_ids, params, sink, prompt=None, whole=False):
+            from glm_ray.engine.outputs import RequestDelta
+
+            deltas = [RequestDelta(request_id, [7], piece, None, "stop" if i == len(self.script) - 1 else None, None,
+                                   len(prompt_token_ids), i + 1) for i, piece in enumerate(self.script)]
+            if whole:
+                deltas = [RequestDelta.concat(deltas)]
+            threading.Thread(target=lambda: [sink.deliver([d]) for d in deltas], daemon=True).start()
+
+        def abort(self, request_id):
+            pass
+
+    @serve.deployment(ray_actor_options={"num_cpus": 0.1})
+    class ScriptedAttention:
+        async def __init__(self, script: list[str], router):
+            import asyncio
+
+            from glm_ray.serving.attention_channel import AttentionChannelServer
+
+            self.channel = AttentionChannelServer(ScriptedEngine(script))
+            address = await self.channel.start()
+            replica_id = serve.get_replica_context().replica_tag
+
+            async def report():  # as RouterSnapshots does: load and channel address, every refresh
+                while True:
+                    await router.report_attention.remote(replica_id, {"sequences": 0.0, "running": 0.0,
+                                                                      "waiting": 0.0, "kv_usage": 0.0}, address)
+                    await asyncio.sleep(0.5)
+
+            self.reporter = asyncio.get_running_loop().create_task(report())
+
+        def engine_stats(self):  # /health's probe
+            return {"running": 0, "waiting": 0, "used_blocks": 0, "free_blocks": 1}
 
     return ScriptedAttention
 

@@ -1,5 +1,5 @@
 """ServeBackend.health over stand-in deployment handles: ready only when an attention replica
-answers and every expert group has a live replica."""
+answers, one takes requests on its channel, and every expert group has a live replica."""
 
 import asyncio
 
@@ -30,8 +30,9 @@ class _Handle:
         return self
 
 
-def _health(tiny_model_dir, engine_stats, missing):
-    router = _Handle(status={"missing_groups": missing, "replicas": {"0": ["a:1"]}})
+def _health(tiny_model_dir, engine_stats, missing, channels=None):
+    router = _Handle(status={"missing_groups": missing, "replicas": {"0": ["a:1"]}},
+                     attention_table={"r1": "127.0.0.1:1"} if channels is None else channels)
     backend = ServeBackend(_Handle(engine_stats=engine_stats), router, str(tiny_model_dir), "m", {"dtype": "float32"})
     return asyncio.run(backend.health())
 
@@ -46,3 +47,5 @@ def test_ready_only_with_attention_and_every_group(tiny_model_dir, monkeypatch):
     assert not ok and "no attention replica answered" in detail["status"]
     ok, detail = _health(tiny_model_dir, "hang", [])
     assert not ok and "TimeoutError" in detail["status"]
+    ok, detail = _health(tiny_model_dir, {"running": 0}, [], channels={})
+    assert not ok and "no attention replica takes requests" in detail["status"]
