@@ -472,3 +472,18 @@ def test_whole_and_streamed_requests_reach_the_backend_as_such(fake_backend, fak
     list(ask(fake_client, stream=True))
     fake_client.completions.create(model="fake", prompt="hi", max_tokens=3)
     assert [r["stream"] for r in fake_backend.requests] == [False, True, False]
+
+
+@pytest.mark.parametrize("head", [{"id": "cmpl-1", "object": "text_completion", "created": 7, "model": "m ü"}, {}])
+def test_sse_chunks_equal_a_whole_serialisation(head):
+    """The fixed fields are serialised once per response; every line is what sse() of the whole would be."""
+    import json as json_
+
+    from glm_ray.serving.openai.streams import SseChunks, sse
+
+    chunks = SseChunks(head)
+    for fields in ({"choices": [{"index": 0, "text": "a\nb \"q\" ü", "finish_reason": None}]},
+                   {"choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 2}}):
+        line = chunks.chunk(**fields)
+        assert line == sse({**head, **fields})
+        assert json_.loads(line.removeprefix("data: ")) == {**head, **fields}

@@ -15,7 +15,7 @@ from glm_ray.serving.openai.reasoning import ReasoningStream, split, thinking_en
 from glm_ray.serving.openai.sampling import (check_common, check_length, make_request, new_id, sampling_dict,
                                              usage)
 from glm_ray.serving.openai.schemas import ChatCompletionRequest
-from glm_ray.serving.openai.streams import DONE, merge, open_streams, sse
+from glm_ray.serving.openai.streams import DONE, SseChunks, merge, open_streams, sse
 from glm_ray.serving.openai.tool_calls import (ContentDelta, ToolCallArgsDelta, ToolCallStart, ToolCallStream,
                                                make_tool_call_id, parse_tool_calls, validate_tool_choice,
                                                validate_tools)
@@ -215,11 +215,13 @@ def _joined(a: dict, b: dict) -> dict:
 
 
 async def _stream(head, streams, setup: ChatSetup, body, tokenizer, include_usage: bool):
+    chunks = SseChunks(head)
+
     def chunk(delta: dict, logprobs=None, finish_reason=None, stop_reason=None) -> str:
         choice = {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
         if finish_reason is not None:
             choice["stop_reason"] = stop_reason
-        return sse({**head, "choices": [choice]})
+        return chunks.chunk(choices=[choice])
 
     num_output_tokens = 0
     try:
@@ -233,7 +235,7 @@ async def _stream(head, streams, setup: ChatSetup, body, tokenizer, include_usag
             elif e["delta"] or logprobs:
                 yield chunk(e["delta"], logprobs)
         if include_usage:
-            yield sse({**head, "choices": [], "usage": usage(len(setup.prompt_ids), num_output_tokens)})
+            yield chunks.chunk(choices=[], usage=usage(len(setup.prompt_ids), num_output_tokens))
     except Exception as e:  # the status line is sent: report in the stream, then end it
         yield sse(from_exception(e).body())
     yield DONE

@@ -10,7 +10,7 @@ from glm_ray.serving.openai.errors import OpenAIError, from_exception
 from glm_ray.serving.openai.sampling import (check_common, check_length, make_request, new_id, sampling_dict,
                                              usage)
 from glm_ray.serving.openai.schemas import DEFAULT_MAX_TOKENS, CompletionRequest
-from glm_ray.serving.openai.streams import DONE, merge, open_streams, sse
+from glm_ray.serving.openai.streams import DONE, SseChunks, merge, open_streams, sse
 
 
 def token_text(tokenizer, token_id: int | str, entry: dict | None = None) -> str:
@@ -151,6 +151,7 @@ async def _collect(head, streams, prompts, body, tokenizer, num_prompt_tokens) -
 
 async def _stream(head, streams, prompts, body, tokenizer, num_prompt_tokens, include_usage):
     choices = _choices(prompts, body, tokenizer)
+    chunks = SseChunks(head)
     try:
         async for index, delta in merge(streams):
             choice = choices[index]
@@ -158,10 +159,9 @@ async def _stream(head, streams, prompts, body, tokenizer, num_prompt_tokens, in
             logprobs = choice.logprobs.take() if choice.logprobs else None
             token_ids = choice.take_token_ids()
             if text or logprobs and logprobs["tokens"] or token_ids or choice.finish_reason:
-                yield sse({**head, "choices": [choice.to_dict(text, logprobs, token_ids)]})
+                yield chunks.chunk(choices=[choice.to_dict(text, logprobs, token_ids)])
         if include_usage:
-            yield sse({**head, "choices": [],
-                       "usage": usage(num_prompt_tokens, sum(c.num_output_tokens for c in choices))})
+            yield chunks.chunk(choices=[], usage=usage(num_prompt_tokens, sum(c.num_output_tokens for c in choices)))
     except Exception as e:  # the status line is sent: report in the stream, then end it
         yield sse(from_exception(e).body())
     yield DONE

@@ -18,6 +18,18 @@ def sse(obj: dict) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
 
+class SseChunks:
+    """The SSE data lines of one streamed response, whose fixed fields (id, object, created,
+    model) are serialised once, not again with every token: `chunk(**fields)` is
+    `sse({**head, **fields})`, the fields being new keys."""
+
+    def __init__(self, head: dict):
+        self._prefix = "data: " + json.dumps(head, ensure_ascii=False)[:-1] + (", " if head else "")
+
+    def chunk(self, **fields) -> str:
+        return f"{self._prefix}{json.dumps(fields, ensure_ascii=False)[1:]}\n\n"
+
+
 async def open_stream(backend, request: dict, metrics: Metrics, arrival: float) -> AsyncIterator[dict]:
     """Start one request and wait for its first delta, so a rejected request raises OpenAIError
     here (400/503) instead of failing halfway through a 200 response."""
