@@ -17,6 +17,8 @@ from glm_ray.bench.load_step_timeline import DEFAULT_LOAD_STEP, parse_phases
 from glm_ray.bench.report import compare, format_table, load_average, mean_ratio, new_report
 from glm_ray.bench.workloads import SPECS, make_workload
 
+ALL_WORKLOADS = ("A", "B")  # `--workload all`: the issue-3 targets; C and D are run by name
+
 DEFAULT_PRESET = "small"
 
 
@@ -29,10 +31,15 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--model", default=None,
                    help=f"checkpoint directory (default: the built-in {DEFAULT_PRESET} preset, built once and cached)")
     p.add_argument("--workload", choices=[*SPECS, "all"], default="all",
-                   help="A: 64 x (32 prompt, 128 output); B: 256 mixed requests (prompts 16..512, outputs 16..256)")
+                   help="A: 64 x (32 prompt, 128 output); B: 256 mixed requests (prompts 16..512, outputs 16..256); "
+                        "C: 128 mixed (prompts 16..384, outputs 16..192); D: 128 x (32 prompt, 128 output); "
+                        "all: A and B")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="compute dtype of both systems")
     p.add_argument("--url", default=None, metavar="http://HOST:PORT",
-                   help="load a running glm-ray server (its /v1/completions, streamed) instead of in-process systems")
+                   help="load a running OpenAI-compatible server (glm-ray's or vLLM's: its /v1/completions, "
+                        "streamed) instead of in-process systems; reports output tok/s, TTFT, ITL (gaps between "
+                        "token-carrying chunks, as vLLM's benchmark_serving) and TPOT. --model gives the "
+                        "vocabulary when the server's /v1/models does not (vLLM)")
     p.add_argument("--api-key", default=None, help="with --url: the server's API key (default: $GLM_RAY_API_KEY)")
     p.add_argument("--concurrency", type=positive_int, default=None,
                    help="with --url: requests in flight at once (default: the workload's 64)")
@@ -153,24 +160,33 @@ def bench_workload(name: str, model_dir: Path, vocab_size: int, args) -> dict:
 
 def run_url_bench(args) -> int:
     """Each chosen workload against a running server; its peak RSS and threads are not ours to see."""
-    from glm_ray.bench.online import ServerError, run_online, served_model
+    from glm_ray.bench.online import (ITL_DEFINITION, ServerError, run_online, served_model, served_vocab_size,
+                                      summarize_online)
 
     try:
         info = served_model(args.url, args.api_key)
+        vocab_size = served_vocab_size(info, args.model)
     except ServerError as e:
         raise SystemExit(f"glm-ray: error: --url {args.url}: {e}") from None
     report = new_report(sys.argv, f"{args.url} ({info['id']})", args.dtype, args.seed)
     report["arguments"] = {k: v for k, v in vars(args).items() if k != "func"}
-    for name in (list(SPECS) if args.workload == "all" else [args.workload]):
-        workload = make_workload(name, info["vocab_size"], args.seed, args.num_requests, args.scale)
+    report["server_model"] = info
+    offline_only = ("ITL", "hf:", "peak_rss", "all requests")
+    report["notes"] = [n for n in report["notes"] if not n.startswith(offline_only)] + [
+        "--url: requests are sent at most --concurrency at a time (a new one when one ends); TTFT is from each "
+        "request's own send time", ITL_DEFINITION]
+    for name in (ALL_WORKLOADS if args.workload == "all" else [args.workload]):
+        workload = make_workload(name, vocab_size, args.seed, args.num_requests, args.scale)
         _log(f"workload {name}: {workload.num_requests} requests, {workload.num_output_tokens} output tokens "
              f"to {args.url}, at most {args.concurrency or workload.max_num_seqs} at once")
         try:
             run = run_online(args.url, workload, progress=sys.stderr.isatty(), concurrency=args.concurrency,
-                             api_key=args.api_key)
+                             api_key=args.api_key, vocab_size=vocab_size)
         except ServerError as e:
             raise SystemExit(f"glm-ray: error: {e}") from None
-        report["workloads"][name] = {"workload": workload.summary(), "server": stats.summarize_run(run)}
+        report["workloads"][name] = {"workload": workload.summary(), "server": summarize_online(run),
+                                     "concurrency": min(args.concurrency or workload.max_num_seqs,
+                                                        workload.num_requests)}
     report["machine"]["load_average_at_end"] = load_average()
     print(format_table(report))
     _write(report, args.output)
@@ -199,7 +215,7 @@ def run_bench(args) -> int:
     vocab_size = load_model_config(model_dir).vocab_size
     report = new_report(sys.argv, str(model_dir), args.dtype, args.seed)
     report["arguments"] = {k: v for k, v in vars(args).items() if k != "func"}
-    for name in (list(SPECS) if args.workload == "all" else [args.workload]):
+    for name in (ALL_WORKLOADS if args.workload == "all" else [args.workload]):
         report["workloads"][name] = bench_workload(name, model_dir, vocab_size, args)
     if not args.no_flops:
         _log("matmul peak and decode step ...")

@@ -140,6 +140,11 @@ def _system_lines(system: str, s: dict) -> list[str]:
     itl = _fmt(s["itl_ms"]["p50"]) + " / " + _fmt(s["itl_ms"]["p99"])
     lines = [f"{system:<8} {_fmt(s['output_tokens_per_s']):>9} {_fmt(s['wall_time_s'], '.2f'):>8} {ttft:>18} "
              f"{itl:>16} {_fmt(s['peak_rss_mib'], '.0f'):>8}"]
+    if s.get("tpot_ms") is not None:  # a --url run: ITL is per token-carrying chunk (see online.py)
+        chunk = s.get("tokens_per_chunk") or {}
+        lines.append(f"{'':<8} TPOT p50/p99 {_fmt(s['tpot_ms']['p50'])} / {_fmt(s['tpot_ms']['p99'])} ms; "
+                     f"{_fmt(chunk.get('mean'), '.2f')} tokens per streamed chunk (max {chunk.get('max')}); "
+                     f"ITL = gap between token-carrying chunks")
     if len(s.get("repeats_output_tokens_per_s", [])) > 1:
         lines.append(f"{'':<8} tok/s of each run (best shown): "
                      + ", ".join(f"{x:.1f}" for x in s["repeats_output_tokens_per_s"]))

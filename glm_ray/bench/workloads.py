@@ -2,6 +2,11 @@
 
 A  fixed shape: 64 requests, 32-token prompts, 128 output tokens each.
 B  mixed: 256 requests, prompt lengths uniform in 16..512, output lengths uniform in 16..256.
+C  mixed-128: 128 requests, prompt lengths uniform in 16..384, output lengths uniform in 16..192.
+D  decode-heavy: 128 requests, 32-token prompts, 128 output tokens each.
+
+A and B are the issue-3 targets against transformers (`--workload all` runs those two); C and D were
+added for serving comparisons (`glm-ray bench --url`, e.g. against vLLM) and are chosen by name.
 
 Every request ignores EOS, so the number of output tokens is exactly what was asked for. Token ids
 are uniform in [0, vocab_size - 32): the special tokens sit at the top of the vocabulary. Requests
@@ -33,6 +38,8 @@ class WorkloadSpec:
 SPECS = {
     "A": WorkloadSpec("A", 64, 32, 32, 128, 128, "fixed shape: 32-token prompts, 128 output tokens"),
     "B": WorkloadSpec("B", 256, 16, 512, 16, 256, "mixed: prompts uniform in 16..512, outputs in 16..256"),
+    "C": WorkloadSpec("C", 128, 16, 384, 16, 192, "mixed-128: prompts uniform in 16..384, outputs in 16..192"),
+    "D": WorkloadSpec("D", 128, 32, 32, 128, 128, "decode-heavy: 32-token prompts, 128 output tokens"),
 }
 
 
@@ -73,7 +80,7 @@ def _scaled(n: int, scale: float) -> int:
 
 def make_workload(name: str, vocab_size: int, seed: int = 0, num_requests: int | None = None,
                   scale: float = 1.0) -> Workload:
-    """Workload `name` ("A" or "B"). `scale` in (0, 1] shrinks the request count and every length;
+    """Workload `name` (a key of SPECS). `scale` in (0, 1] shrinks the request count and every length;
     `num_requests` then overrides the count (a quick smoke run)."""
     if name not in SPECS:
         raise ValueError(f"unknown workload {name!r}; choose one of {', '.join(SPECS)}")

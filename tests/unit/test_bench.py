@@ -2,11 +2,16 @@
 
 import argparse
 import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
 from glm_ray.bench import add_bench_parser, run_bench
+from glm_ray.bench.cli import ALL_WORKLOADS
 from glm_ray.bench.flops import run_flops, step_bytes, token_flops
+from glm_ray.bench.online import (ServerError, chunk_gaps, served_vocab_size, summarize_online,
+                                  time_per_output_token)
 from glm_ray.bench.report import compare, format_table, mean_ratio, new_report
 from glm_ray.bench.stats import inter_token_gaps, percentile, token_agreement
 from glm_ray.bench.workloads import NUM_SPECIAL_TOKENS, make_workload
@@ -27,7 +32,132 @@ def test_workloads_match_the_issue_and_are_seeded():
     small = make_workload("B", 1024, seed=0, scale=0.25)
     assert small.num_requests == 64 and all(4 <= n <= 64 for n in small.output_lens)
     with pytest.raises(ValueError, match="unknown workload"):
-        make_workload("C", 1024)
+        make_workload("E", 1024)
+
+
+def test_serving_workloads_c_and_d():
+    c = make_workload("C", 1024, seed=0)
+    assert c.num_requests == 128 and c.max_num_seqs == 64
+    assert all(16 <= len(p) <= 384 for p in c.prompts) and all(16 <= n <= 192 for n in c.output_lens)
+    assert len({len(p) for p in c.prompts}) > 50 and len(set(c.output_lens)) > 50  # really mixed
+    d = make_workload("D", 1024, seed=0)
+    assert d.num_requests == 128 and {len(p) for p in d.prompts} == {32} and set(d.output_lens) == {128}
+    assert d.prompts[:64] != make_workload("A", 1024, seed=0).prompts  # a seed stream of its own
+    parser = argparse.ArgumentParser()
+    add_bench_parser(parser.add_subparsers(dest="command"))
+    for name in ("A", "B", "C", "D", "all"):
+        assert parser.parse_args(["bench", "--workload", name]).workload == name
+    assert ALL_WORKLOADS == ("A", "B")  # `all` stays the issue-3 pair
+
+
+def test_itl_is_the_gap_between_token_carrying_chunks():
+    # request 1: chunks of 1, 3, 1 tokens at 1.0, 1.1, 1.4 s; request 2: one token each at 2.0, 2.05, 2.1, 2.3 s;
+    # request 3: a single 1-token chunk (no gap); request 4: nothing streamed
+    chunk_times = [[1.0, 1.1, 1.4], [2.0, 2.05, 2.1, 2.3], [3.0], []]
+    sizes = [[1, 3, 1], [1, 1, 1, 1], [1], []]
+    gaps = chunk_gaps(chunk_times)
+    assert gaps == pytest.approx([0.1, 0.3, 0.05, 0.05, 0.2])  # the 3-token chunk is ONE 0.1 s sample
+    assert time_per_output_token(chunk_times, [5, 4, 1, 0]) == pytest.approx([0.4 / 4, 0.3 / 3])
+    run = {"wall_time_s": 4.0, "num_requests": 4, "num_output_tokens": 10, "num_generated_tokens": 10,
+           "ttft_s": [0.5, 1.0, 0.25, None], "chunk_times_s": chunk_times, "chunk_sizes": sizes,
+           "token_times_s": [[t for t, k in zip(ts, ks) for _ in range(k)] for ts, ks in zip(chunk_times, sizes)]}
+    s = summarize_online(run)
+    assert s["output_tokens_per_s"] == pytest.approx(2.5)
+    assert s["itl_ms"]["count"] == 5
+    assert s["itl_ms"]["p50"] == pytest.approx(100.0)  # sorted 50, 50, 100, 200, 300
+    assert s["itl_ms"]["p99"] == pytest.approx(200.0 + 0.96 * 100.0)  # rank 3.96: between 200 and 300
+    assert s["itl_ms"]["max"] == pytest.approx(300.0) and s["itl_ms"]["mean"] == pytest.approx(140.0)
+    assert s["tpot_ms"]["count"] == 2 and s["tpot_ms"]["p50"] == pytest.approx(100.0)
+    assert s["ttft_ms"]["p50"] == pytest.approx(500.0) and s["ttft_ms"]["count"] == 3
+    assert s["tokens_per_chunk"] == {"mean": pytest.approx(10 / 8), "max": 3, "num_chunks": 8}
+    # per-token pooling (the offline definition) would have made two 0 ms samples of the 3-token chunk
+    assert inter_token_gaps(run["token_times_s"]).count(0.0) == 2
+    report = new_report(["glm-ray", "bench", "--url", "x"], "x", "float32", 0)
+    report["workloads"]["C"] = {"workload": {"num_requests": 4, "num_prompt_tokens": 8, "num_output_tokens": 10,
+                                             "description": "test"}, "server": s}
+    table = format_table(report)
+    assert "server" in table and "100.0 / 296.0" in table and "1.25 tokens per streamed chunk" in table
+
+
+def test_vocab_size_when_the_server_does_not_say(tmp_path):
+    assert served_vocab_size({"id": "m", "vocab_size": 151552}) == 151552
+    (tmp_path / "config.json").write_text(json.dumps({"vocab_size": 1024}))
+    assert served_vocab_size({"id": "small", "root": str(tmp_path)}) == 1024  # vLLM: root is the model dir
+    assert served_vocab_size({"id": "small", "root": "/nowhere"}, model_dir=str(tmp_path)) == 1024
+    with pytest.raises(ServerError, match="--model"):
+        served_vocab_size({"id": "small", "root": "org/remote-model"})
+
+
+class _FakeVllm(BaseHTTPRequestHandler):
+    """/v1/models without vocab_size (as vLLM), completions streamed 1 or 2 tokens a chunk, a finish chunk
+    without tokens, then the usage chunk with no choices, then [DONE]."""
+
+    root = ""
+    bodies: list = []
+
+    def log_message(self, *args):
+        pass
+
+    def do_GET(self):
+        self._send_json({"object": "list", "data": [{"id": "small", "object": "model", "root": self.root,
+                                                      "max_model_len": 2048}]})
+
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["content-length"])))
+        type(self).bodies.append(body)
+        self.send_response(200)
+        self.send_header("content-type", "text/event-stream")
+        self.end_headers()
+        n, sent = body["max_tokens"], 0
+
+        def event(obj):
+            self.wfile.write(b"data: " + json.dumps(obj).encode() + b"\n\n")
+            self.wfile.flush()
+
+        while sent < n:
+            k = min(n - sent, 1 + sent % 2)
+            event({"choices": [{"index": 0, "text": "x" * k, "token_ids": list(range(sent, sent + k)),
+                                "finish_reason": None}], "usage": None})
+            sent += k
+        event({"choices": [{"index": 0, "text": "", "finish_reason": "length"}], "usage": None})
+        event({"choices": [], "usage": {"prompt_tokens": len(body["prompt"]), "completion_tokens": n,
+                                        "total_tokens": len(body["prompt"]) + n}})
+        self.wfile.write(b"data: [DONE]\n\n")
+
+    def _send_json(self, obj):
+        data = json.dumps(obj).encode()
+        self.send_response(200)
+        self.send_header("content-type", "application/json")
+        self.send_header("content-length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+
+def test_url_bench_against_a_vllm_like_server(tmp_path, capsys):
+    (tmp_path / "config.json").write_text(json.dumps({"vocab_size": 1024}))
+    handler = type("Handler", (_FakeVllm,), {"root": str(tmp_path), "bodies": []})
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        out = tmp_path / "r.json"
+        parser = argparse.ArgumentParser()
+        add_bench_parser(parser.add_subparsers(dest="command"))
+        args = parser.parse_args(["bench", "--url", f"http://127.0.0.1:{server.server_port}", "--workload", "D",
+                                  "--num-requests", "6", "--scale", "0.1", "--concurrency", "3",
+                                  "--output", str(out)])
+        assert run_bench(args) == 0
+    finally:
+        server.shutdown()
+        server.server_close()
+    sent = handler.bodies[2:]  # after the 2 warmup requests
+    assert len(sent) == 6 and all(b["model"] == "small" and b["ignore_eos"] and b["return_token_ids"]
+                                  and b["stream_options"] == {"include_usage": True} for b in sent)
+    assert all(max(b["prompt"]) < 1024 - NUM_SPECIAL_TOKENS for b in sent)
+    s = json.loads(out.read_text())["workloads"]["D"]["server"]
+    assert s["num_output_tokens"] == 6 * 13 and s["output_tokens_per_s"] > 0
+    assert s["tokens_per_chunk"]["max"] == 2 and s["itl_ms"]["count"] == 6 * (7 - 1)  # 13 tokens in 7 chunks (1, 2, 2, ...)
+    assert s["ttft_ms"]["count"] == 6 and s["tpot_ms"]["count"] == 6
+    assert "tokens per streamed chunk" in capsys.readouterr().out
 
 
 def test_statistics():
