@@ -116,10 +116,11 @@ def wait_gone(marker: str, *, environ: bool = False, timeout_s: float = 30) -> d
 # client server names no temp dir); the sessions' environment does: sshd gives them RAY_TMPDIR=<temp dir>.
 RAY_WRAPPER = '''#!{python}
 """`ray` for the e2e test's cluster only. `ray stop` ends the processes of this cluster's temp dir
-({temp_dir}): those whose command line names it or whose environment has RAY_TMPDIR set to it, not every Ray
-process on the machine as the real one does. Anything else is the real `ray`."""
+({temp_dir}): those whose command line names it or whose environment has RAY_TMPDIR set to it or HOME set to
+the SSH sessions' home (Ray's agents, retitled, were seen without RAY_TMPDIR), not every Ray process on the
+machine as the real one does. Anything else is the real `ray`."""
 import os, signal, sys, time
-TEMP_DIR, REAL = {temp_dir!r}, {real!r}
+TEMP_DIR, HOME, REAL = {temp_dir!r}, {home!r}, {real!r}
 if sys.argv[1:2] != ["stop"]:
     os.execv(REAL, [REAL, *sys.argv[1:]])
 def read(path):
@@ -141,7 +142,8 @@ def ours():
     mine = ancestors()
     return [int(pid) for pid in filter(str.isdigit, os.listdir("/proc")) if int(pid) not in mine and (
         TEMP_DIR.encode() in read(f"/proc/{{pid}}/cmdline")
-        or ("RAY_TMPDIR=" + TEMP_DIR).encode() in read(f"/proc/{{pid}}/environ").split(b"\\0"))]
+        or {{("RAY_TMPDIR=" + TEMP_DIR).encode(), ("HOME=" + HOME).encode()}}
+        & set(read(f"/proc/{{pid}}/environ").split(b"\\0")))]
 for sig, wait_s in ((signal.SIGTERM, 5), (signal.SIGKILL, 5)):  # the cluster is being thrown away
     for pid in ours():
         try:
@@ -377,7 +379,8 @@ def local_cluster(request, tiny_model_dir):
 
     (home / ".bashrc").write_text(f"export PATH={home}/bin:{VENV_BIN}:$PATH\n")  # Debian's profile resets PATH
     wrapper = home / "bin" / "ray"
-    wrapper.write_text(RAY_WRAPPER.format(python=sys.executable, temp_dir=str(ray_temp), real=str(RAY)))
+    wrapper.write_text(RAY_WRAPPER.format(python=sys.executable, temp_dir=str(ray_temp), home=str(home),
+                                          real=str(RAY)))
     wrapper.chmod(0o755)
     ssh_env = {"HOME": str(home), "RAY_TMPDIR": str(ray_temp), "RAY_USAGE_STATS_ENABLED": "0",
                "GLM_RAY_E2E_MARKER": marker}
