@@ -57,7 +57,9 @@ class _Link:
                     queue = self.queues.get(e["request_id"])
                     if queue is not None:
                         queue.put_nowait(("error", e))
-            reason = "the attention replica closed the channel"
+            code = await self.call.code()  # a stream refused at once may end without raising
+            reason = ("the attention replica closed the channel" if code == grpc.StatusCode.OK
+                      else f"{code.name}: {await self.call.details()}")
         except grpc.aio.AioRpcError as e:
             reason = f"{e.code().name}: {e.details()}"
         except Exception as e:  # noqa: BLE001

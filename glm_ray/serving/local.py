@@ -11,7 +11,8 @@ from glm_ray.serving.serve_file import APP_NAME, grpc_options, http_options
 
 
 def start(cfg, *, ready_timeout_s: float = 300.0):
-    """Start Ray (if needed) and Serve, deploy, wait until every expert group has a live replica.
+    """Start Ray (if needed) and Serve, deploy, wait until every expert group has a live replica and an
+    attention replica takes requests on its channel (what /health checks).
     Returns whether this call started the Ray cluster."""
     import ray
     from ray import serve
@@ -32,13 +33,16 @@ def start(cfg, *, ready_timeout_s: float = 300.0):
     serve.run(build_app(cfg), name=APP_NAME, route_prefix="/", blocking=False)
     router = serve.get_deployment_handle("ExpertRouter", app_name=APP_NAME)
     deadline = time.monotonic() + ready_timeout_s
-    while True:
+    while True:  # ready as /health means it: every expert group live, an attention replica taking requests
         status = router.status.remote().result(timeout_s=30)
-        if not status["missing_groups"]:
+        channels = router.attention_table.remote().result(timeout_s=30)
+        if not status["missing_groups"] and channels:
             return started_ray
         if time.monotonic() > deadline:
-            raise TimeoutError(f"expert groups {status['missing_groups']} have no live replica after "
-                               f"{ready_timeout_s:.0f} s")
+            missing = [f"expert groups {status['missing_groups']} have no live replica"] if status["missing_groups"] \
+                else []
+            missing += [] if channels else ["no attention replica takes requests"]
+            raise TimeoutError(f"{' and '.join(missing)} after {ready_timeout_s:.0f} s")
         time.sleep(0.5)
 
 
