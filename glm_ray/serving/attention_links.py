@@ -57,11 +57,12 @@ class _Link:
                     queue = self.queues.get(e["request_id"])
                     if queue is not None:
                         queue.put_nowait(("error", e))
-            code = await self.call.code()  # a stream refused at once may end without raising
+        except Exception:  # noqa: BLE001 - how it ended is read from the call's status below
+            pass
+        try:  # the call's own status, whichever way the stream ended (a refused one may raise anything)
+            code = await self.call.code()
             reason = ("the attention replica closed the channel" if code == grpc.StatusCode.OK
                       else f"{code.name}: {await self.call.details()}")
-        except grpc.aio.AioRpcError as e:
-            reason = f"{e.code().name}: {e.details()}"
         except Exception as e:  # noqa: BLE001
             reason = repr(e)
         self.broken = reason
@@ -153,8 +154,12 @@ class AttentionLinks:
         """Stream the request's delta dicts (piled-up ones merged into one)."""
         request_id = request["request_id"]
         tried: set[str] = set()
+        last_error = ""
         for _attempt in range(MAX_ATTEMPTS):
-            link = await self._pick(tried)
+            try:
+                link = await self._pick(tried)
+            except AttentionUnavailable as e:
+                raise AttentionUnavailable(f"{e}; last error: {last_error}" if last_error else str(e)) from None
             tried.add(link.address)
             queue: asyncio.Queue = asyncio.Queue()
             link.queues[request_id] = queue
@@ -194,6 +199,7 @@ class AttentionLinks:
                                                    "the request")
                     # lost: the stream broke
                     finished = True
+                    last_error = item
                     if "UNAUTHENTICATED" in item:
                         raise AttentionUnavailable(f"attention replica {link.address} refused this ingress: {item}. "
                                                    "The cluster secrets differ: deploy every replica with the same "
