@@ -37,6 +37,16 @@ def _as_failure(e: BaseException) -> CallFailed:
     return CallFailed(grpc.StatusCode.UNKNOWN, f"{type(e).__name__}: {e}")
 
 
+async def _status_of(call, e: BaseException) -> CallFailed:
+    try:
+        code = await asyncio.wait_for(call.code(), 1.0)
+        if code != grpc.StatusCode.OK:
+            return CallFailed(code, await call.details() or "")
+    except Exception:  # noqa: BLE001 - no status to be had: the write's own error
+        pass
+    return _as_failure(e)
+
+
 class ReplicaStream:
     def __init__(self, channel: grpc.aio.Channel, metadata: tuple[tuple[str, str], ...] = ()):
         """metadata: sent once, when the stream opens (the cluster secret, experts/auth.py)."""
@@ -60,7 +70,9 @@ class ReplicaStream:
                 self._fail(CallFailed(grpc.StatusCode.CANCELLED, "a write was cancelled"))
                 raise
             except Exception as e:  # noqa: BLE001 - the stream is unusable whatever broke it
-                self._fail(_as_failure(e))
+                # a write racing the server's refusal fails with a core error: the call's own
+                # status (UNAUTHENTICATED, say) is the one that says why
+                self._fail(await _status_of(self._call, e))
         try:
             out = await asyncio.wait_for(reply, timeout)
         except asyncio.TimeoutError:
