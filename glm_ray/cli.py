@@ -122,7 +122,7 @@ def serve_config_of(args):
 def cmd_serve(args) -> int:
     from glm_ray.serving.local import serve_forever
 
-    return serve_forever(serve_config_of(args))
+    return serve_forever(serve_config_of(args), http_proxy=args.http_proxy)
 
 
 def cmd_config(args) -> int:
@@ -241,6 +241,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("serve", help="serve a model on Ray Serve (starts a local Ray cluster without RAY_ADDRESS)")
     add_serve_flags(p)
+    p.add_argument("--http-proxy", choices=["haproxy", "serve"], default="haproxy",
+                   help="what serves HTTP on the local cluster this starts: haproxy (default), Ray Serve's HAProxy "
+                        "ingress, HTTP straight to the ingress replicas; serve, Serve's Python proxy (a Ray "
+                        "message per streamed chunk). A cluster named by RAY_ADDRESS keeps its own "
+                        "(RAY_SERVE_ENABLE_HA_PROXY=1 in its `ray start` environment)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("config", help="write a Serve config file for `serve deploy` (the flags of `serve`)")

@@ -62,6 +62,15 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--stream", action="store_true",
                    help="--distributed: stream every token to the bench as it is made (one Serve message per "
                         "request and step); default whole requests, as the offline engine run returns them")
+    p.add_argument("--breakdown", action="store_true",
+                   help="where the served path's throughput goes: one workload (default D) through the engine, "
+                        "an attention replica with local then remote experts, the HTTP ingress whole and "
+                        "streamed, and the colocated app streamed; tok/s and CPU per token of every process")
+    p.add_argument("--stages", type=lambda t: [s.strip() for s in t.split(",") if s.strip()], default=None,
+                   metavar="STAGE,...", help="--breakdown: only these stages (default all: engine, colocated, remote, "
+                                             "http-whole, http-stream, colocated-http-stream)")
+    p.add_argument("--http-proxy", choices=["haproxy", "serve"], default="haproxy",
+                   help="--breakdown: what serves HTTP on its cluster, as `glm-ray serve --http-proxy`")
     p.add_argument("--no-flops", action="store_true", help="skip the matmul peak and decode-step FLOP/s measurement")
     p.add_argument("--output", default=None, metavar="FILE.json", help="write the full JSON report here")
     p.add_argument("--num-requests", type=positive_int, default=None,
@@ -193,6 +202,52 @@ def run_url_bench(args) -> int:
     return 0
 
 
+def run_breakdown(args) -> int:
+    """`--breakdown`: the stages of `glm_ray.bench.breakdown`, on one workload, in two children."""
+    import socket
+
+    from glm_ray.bench.breakdown import STAGES, describe, format_breakdown, run_cluster_stages, run_engine_stage
+    from glm_ray.config import load_model_config
+
+    if args.url:
+        raise SystemExit("glm-ray: error: --breakdown starts its own servers; it takes no --url")
+    chosen = args.stages or list(STAGES)
+    unknown = [s for s in chosen if s not in STAGES]
+    if unknown:
+        raise SystemExit(f"glm-ray: error: --stages {','.join(unknown)}: no such stage (choose from "
+                         f"{', '.join(STAGES)})")
+    name = "D" if args.workload == "all" else args.workload
+    model_dir = resolve_model_dir(args.model)
+    vocab_size = load_model_config(model_dir).vocab_size
+    workload = make_workload(name, vocab_size, args.seed, args.num_requests, args.scale)
+    concurrency = min(args.concurrency or workload.max_num_seqs, workload.num_requests)
+    report = new_report(sys.argv, str(model_dir), args.dtype, args.seed)
+    report["arguments"] = {k: v for k, v in vars(args).items() if k != "func"}
+    report["workload"] = workload.summary()
+    kv = args.kv_cache_mib << 20
+    _log(f"workload {name}: {workload.num_requests} requests, {workload.num_output_tokens} output tokens")
+    stages = {}
+    if "engine" in chosen:
+        _log("stage engine ...")
+        stages["engine"] = run_in_child(run_engine_stage, model_dir, workload, args.dtype, kv,
+                                        num_threads=args.threads)
+    on_cluster = [s for s in chosen if s != "engine"]
+    if on_cluster:
+        with socket.socket() as s:  # a free port for the stages' HTTP server
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        _log("stages on a local Ray cluster: " + ", ".join(on_cluster) + " ...")
+        stages |= run_in_child(run_cluster_stages, model_dir, workload, args.dtype, kv, args.expert_groups,
+                               concurrency, port, vocab_size, on_cluster, args.attention_cpus, args.http_proxy)
+    stages = {n: stages[n] for n in STAGES if n in stages}
+    report["stages"] = {n: {"description": describe(n, args.expert_groups, concurrency, args.http_proxy),
+                            **e["summary"]} for n, e in stages.items()}
+    report["machine"]["load_average_at_end"] = load_average()
+    print(format_breakdown(stages, args.expert_groups, concurrency, args.http_proxy))
+    _write(report, args.output)
+    return 0
+
+
 def _write(report: dict, output: str | None) -> None:
     if output:
         Path(output).parent.mkdir(parents=True, exist_ok=True)
@@ -208,6 +263,8 @@ def run_bench(args) -> int:
         from glm_ray.bench.load_step import run_load_step
 
         return run_load_step(args)
+    if args.breakdown:
+        return run_breakdown(args)
     if args.url:
         return run_url_bench(args)
 

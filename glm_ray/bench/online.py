@@ -160,9 +160,31 @@ def _stream_one(session: requests.Session, url: str, model: str, prompt: list[in
     return out
 
 
+def _whole_one(session: requests.Session, url: str, model: str, prompt: list[int], max_tokens: int,
+               t0: float) -> StreamedRequest:
+    """One request answered whole (`stream: false`): all its tokens arrive at once, as one chunk."""
+    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True,
+            "return_token_ids": True}
+    out = StreamedRequest(time.monotonic() - t0)
+    r = session.post(f"{url}/v1/completions", json=body, timeout=3600)
+    if r.status_code != 200:
+        raise ServerError(f"a request failed with {r.status_code}: {r.text[:300]}")
+    answer = r.json()
+    choice = answer["choices"][0]
+    if "token_ids" not in choice:
+        raise ServerError("the server answered without token_ids: it ignores return_token_ids "
+                          "(glm-ray and vLLM >= 0.10.2 honour it)")
+    out.token_ids = list(choice["token_ids"])
+    out.chunk_times_s, out.chunk_sizes = [time.monotonic() - t0], [len(out.token_ids)]
+    out.usage_tokens = (answer.get("usage") or {}).get("completion_tokens")
+    return out
+
+
 def run_online(url: str, workload: Workload, progress: bool = False, concurrency: int | None = None,
-               api_key: str | None = None, vocab_size: int | None = None) -> dict:
+               api_key: str | None = None, vocab_size: int | None = None, stream: bool = True) -> dict:
+    """`stream=False`: every request answered whole (TTFT is then the whole request's latency)."""
     url = url.rstrip("/")
+    send = _stream_one if stream else _whole_one
     info = served_model(url, api_key)
     model = info["id"]
     jobs: queue.Queue = queue.Queue()
@@ -194,7 +216,7 @@ def run_online(url: str, workload: Workload, progress: bool = False, concurrency
             except queue.Empty:
                 return
             try:
-                results[i] = _stream_one(session, url, model, prompt, n, t0)
+                results[i] = send(session, url, model, prompt, n, t0)
             except BaseException as e:  # noqa: BLE001 - reported after the run
                 errors.append(e)
                 return

@@ -1,7 +1,13 @@
 """The engine for servers: many concurrent request streams over one background step loop.
 
 The loop runs in its own thread (a step is blocking torch work and must not stall the event
-loop); requests and aborts reach it through a queue. Deltas come back either to each request's
+loop); requests and aborts reach it through a queue. That thread is the one that should own
+torch's intra-op (OpenMP) threads: `num_threads` is set on it. libgomp keeps a team of worker
+threads per thread that ever ran a parallel region, and once a process holds more such threads
+than cores it stops spinning between regions, so every small op pays a futex wake-up (~80 us on
+a 2-core VM): an engine thread whose process had already run parallel torch ops elsewhere (a
+server's loading thread) ran decode at 0.65x of the same engine on the main thread. Load with
+torch at one thread (`torch.set_num_threads(1)`) and give the engine its threads here. Deltas come back either to each request's
 asyncio queue on the caller's loop (`generate`), or, for a server that multiplexes many requests
 on one connection, to a `DeltaSink` that gets all of its requests' deltas of a step in one call
 (`submit`): one message a step for the connection instead of one per request.
@@ -41,8 +47,11 @@ class DeltaSink(Protocol):
 
 
 class AsyncLLMEngine:
-    def __init__(self, model: str | Path, options: EngineOptions | None = None, experts: ExpertBackend | None = None):
+    def __init__(self, model: str | Path, options: EngineOptions | None = None, experts: ExpertBackend | None = None,
+                 num_threads: int | None = None):
+        """num_threads: torch's intra-op threads for the step loop (None: leave torch's setting)."""
         self.engine = LLMEngine(model, options, experts)
+        self.num_threads = num_threads
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         # request id -> (its caller's loop and queue, or None and its DeltaSink; deltas held back
         # for a whole-request client)
@@ -165,6 +174,10 @@ class AsyncLLMEngine:
                 self._deliver(request_id, e)
 
     def _loop(self) -> None:
+        if self.num_threads is not None:
+            import torch
+
+            torch.set_num_threads(self.num_threads)
         while not self._stopped:
             self._drain_commands()
             if not self.engine.has_unfinished():

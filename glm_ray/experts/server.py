@@ -46,10 +46,11 @@ class StalePlacement(ValueError):
 class ExpertServer:
     """Serves `layers` (MoE layer -> this group's ExpertWeights, the same experts in every layer);
     `auth`: the cluster secret calls must carry and TLS for the port (None: neither);
-    `load_window_s`: the look-back window of `load` (busy fraction, tokens per second)."""
+    `load_window_s`: the look-back window of `load` (busy fraction, tokens per second);
+    `num_threads`: torch's threads on the threads that compute (None: leave torch's setting)."""
 
     def __init__(self, layers: dict[int, ExpertWeights], group: int, *, placement_version: int = 0,
-                 auth: DispatchAuth | None = None, load_window_s: float = 10.0):
+                 auth: DispatchAuth | None = None, load_window_s: float = 10.0, num_threads: int | None = None):
         if not layers:
             raise ValueError(f"expert group {group}: no layers to serve")
         first = next(iter(layers.values()))
@@ -69,7 +70,11 @@ class ExpertServer:
         self.load = LoadMeter(load_window_s)  # every computed request: its seconds and tokens
         self.in_flight = 0  # Forward calls being served now
         self.num_calls = 0  # Forward calls finished, ok or not
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"expert-group-{group}")
+        # torch's threads are set on the threads that compute (the loop's, in start(), and this one):
+        # see engine/async_engine.py for why the thread that loaded the weights should run one
+        self.num_threads = num_threads
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"expert-group-{group}",
+                                            initializer=_set_torch_threads, initargs=(num_threads,))
         self._server: grpc.aio.Server | None = None
         self.address: str | None = None  # "host:port" once started
 
@@ -185,6 +190,7 @@ class ExpertServer:
         """Serve on the running event loop; returns the bound "host:port"."""
         if self._server is not None:
             raise RuntimeError(f"expert group {self.group}: server already started")
+        _set_torch_threads(self.num_threads)
         # so_reuseport off: a port already taken must fail here, not silently share traffic
         server = grpc.aio.server(options=[*GRPC_OPTIONS, ("grpc.so_reuseport", 0)],
                                  interceptors=self.auth.server_interceptors() or None)
@@ -211,3 +217,8 @@ class ExpertServer:
             await self._server.stop(None)
             self._server = None
         self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+def _set_torch_threads(num_threads: int | None) -> None:
+    if num_threads is not None:
+        torch.set_num_threads(num_threads)

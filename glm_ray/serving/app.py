@@ -93,7 +93,7 @@ def build_app(config: ServeConfig | dict) -> Application:
         ray_actor_options=cfg.attention_resources.ray_actor_options(), **attention_shutdown).bind(
         model_dir, engine_options, placement.to_dict() if placement else None, router, cfg.snapshot_refresh_s,
         cfg.expert_wait_s,
-        cfg.threads_for(cfg.attention_resources), dispatch_auth=auth, bind_host=cfg.expert_host,
+        cfg.attention_threads(), dispatch_auth=auth, bind_host=cfg.expert_host,
         drain_s=cfg.attention_drain_s)
     model_name = cfg.served_model_name or (Path(model_dir).name if cfg.model else DEFAULT_MODEL_NAME)
     return Ingress.options(ray_actor_options=cfg.ingress_resources.ray_actor_options(), **shutdown).bind(

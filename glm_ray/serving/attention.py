@@ -5,6 +5,7 @@ head, KV cache, scheduler) with routed experts reached over gRPC. Loads no route
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 import uuid
@@ -107,13 +108,14 @@ class RouterSnapshots:
 @serve.deployment(max_ongoing_requests=256, graceful_shutdown_wait_loop_s=0.1)
 class AttentionReplica:
     def __init__(self, model_dir: str, engine_options: dict, placement: dict | None, router,
-                 refresh_s: float = 1.0, expert_wait_s: float = 10.0, num_threads: int = 1,
+                 refresh_s: float = 1.0, expert_wait_s: float = 10.0, num_threads: int | None = 1,
                  dispatch_auth: dict | None = None, *, bind_host: str = "127.0.0.1", drain_s: float = 300.0):
         """placement: the expert groups' table, routed experts reached over gRPC; None: colocated,
         every routed expert loaded here (`expert_groups: 0`). num_threads: with remote experts,
         threads sharing each layer's attention calls and projection rows, torch itself running one,
         as its OpenMP team would sleep through every expert wait and wake at each small op
-        (engine/attention_workers.py); colocated, torch's own threads (nothing to wait for).
+        (engine/attention_workers.py); colocated, torch's own threads (nothing to wait for) on
+        the engine thread. None: every core this replica may run on.
         dispatch_auth: the cluster secret and TLS of the dispatch plane, for calls to expert
         replicas and on this replica's channel server (DispatchAuth.to_dict()'s shape; None:
         neither). Ingress replicas send requests over that channel (attention_channel.py), found
@@ -122,13 +124,15 @@ class AttentionReplica:
         self.router, self.drain_s = router, drain_s
         auth = DispatchAuth.from_dict(dispatch_auth) if dispatch_auth else None
         self.snapshots = RouterSnapshots(router, refresh_s)
+        # torch's threads belong to the engine thread alone (async_engine.py says why): load here on one
+        torch.set_num_threads(1)
+        num_threads = num_threads or len(os.sched_getaffinity(0))
         if placement is None:
-            torch.set_num_threads(num_threads)
             weights = load_weights(model_dir, dtype=engine_options.get("dtype", "auto"), dense=False)
-            self.experts, workers = LocalExperts(weights.experts), 1
+            self.experts, workers, engine_threads = LocalExperts(weights.experts), 1, num_threads
             num_experts = load_model_config(model_dir).n_routed_experts
         else:
-            torch.set_num_threads(1)
+            engine_threads = 1
             table = Placement.from_dict(placement)
             self.experts = RemoteExperts(table, self.snapshots, policy=PowerOfTwoChoices(),
                                          unavailable_wait_s=expert_wait_s, auth=auth)
@@ -136,7 +140,7 @@ class AttentionReplica:
         self.counter = RoutingCounter(self.experts, num_experts)
         self.snapshots.report = self.counter.take_counts
         self.engine = AsyncLLMEngine(model_dir, EngineOptions(**{**engine_options, "attention_workers": workers}),
-                                     experts=self.counter)
+                                     experts=self.counter, num_threads=engine_threads)
         self.channel = AttentionChannelServer(self.engine, auth)
         self.io = EventLoopThread("attention-channel")
         address = self.io.run(self.channel.start(bind_host, 0))

@@ -115,7 +115,10 @@ class ServeConfig(BaseModel):
     torch_threads: int | None = Field(None, ge=1, description="threads per attention/expert replica, default its "
                                       "whole reserved CPUs, at least 1 (oversubscribed cores thrash): an expert "
                                       "group's torch threads; an attention replica's threads sharing each layer's "
-                                      "attention calls (its torch runs one)")
+                                      "attention calls (its torch runs one); colocated (expert_groups 0), the "
+                                      "engine's torch threads, default every core of its node unless "
+                                      "attention_resources reserves 1 CPU or more (set it when several attention "
+                                      "replicas share a node)")
 
     attention_resources: Resources = Field(default_factory=Resources, description="per attention replica; on a "
                                            "cluster add resources: {attention: 1} (and num_gpus) to place it on "
@@ -156,6 +159,12 @@ class ServeConfig(BaseModel):
 
     def threads_for(self, resources: Resources) -> int:
         return self.torch_threads or max(1, int(resources.num_cpus))
+
+    def attention_threads(self) -> int | None:
+        """An attention replica's threads (see torch_threads); None: every core it may run on."""
+        if self.expert_groups == 0 and not self.torch_threads and self.attention_resources.num_cpus < 1:
+            return None
+        return self.threads_for(self.attention_resources)
 
     def replicas_of_group(self, group: int) -> int:
         if isinstance(self.expert_replicas, int):

@@ -44,7 +44,7 @@ class ExpertGroup:
         auth = DispatchAuth.from_dict(dispatch_auth) if dispatch_auth else None
         if auth is not None:
             auth.server_credentials()  # a bad TLS file fails now, not after loading the weights
-        torch.set_num_threads(num_threads)
+        torch.set_num_threads(1)  # loading; the server's compute threads get num_threads (async_engine.py: why)
         retain_freed_memory()  # as the engine does: per-call temporaries must not page-fault
         self.group, self.expert_ids, self.router = group, list(expert_ids), router
         self.heartbeat_interval_s, self.look_back_s = heartbeat_interval_s, look_back_s
@@ -54,7 +54,8 @@ class ExpertGroup:
                                           expert_ids=self.expert_ids)
         self.num_params = sum(w.numel() for w in weights.experts.values())  # resident routed-expert parameters
         self.read_names = weights.read_names
-        self.server = ExpertServer(weights.experts, group, auth=auth, load_window_s=look_back_s)
+        self.server = ExpertServer(weights.experts, group, auth=auth, load_window_s=look_back_s,
+                                   num_threads=num_threads)
         self.io = EventLoopThread(f"expert-group-{group}-grpc")
         address = self.io.run(self.server.start(bind_host, 0))
         if bind_host in ("0.0.0.0", "::"):

@@ -44,6 +44,7 @@ def test_readme_examples_work_as_written(served):
     banner = served.banner
     assert "http://127.0.0.1:8000/v1" in banner and "127.0.0.1:9000" in banner
     assert "random weights" in banner and "--model" in banner  # a new user is told why the text is noise
+    assert "HTTP via    HAProxy" in banner  # the fast path by default: streamed chunks skip Serve's proxy
     examples = readme_examples()
     completion = _run(["bash", "-c", examples["curl"]])
     assert '"object": "text_completion"' in completion or '"object":"text_completion"' in completion

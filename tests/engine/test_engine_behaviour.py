@@ -297,3 +297,38 @@ def test_submit_batches_a_sinks_deltas_per_step(tiny_model_dir):
         assert len(sink.calls) < sum(len(v) for v in per_request.values())  # batched, not one call a delta
     finally:
         engine.shutdown()
+
+
+def test_the_step_loop_runs_on_its_own_torch_threads(tiny_model_dir, llm):
+    """`num_threads` is set on the engine thread, the one that computes (async_engine.py: a server
+    loads with torch at one thread, and only the step loop's thread gets a team); the caller's
+    setting stays as it was, and the output is the same."""
+    from glm_ray.experts.backend import ExpertBackend
+    from glm_ray.experts.local import LocalExperts
+    from glm_ray.model.loader import load_weights
+
+    class ThreadsSeen(ExpertBackend):
+        def __init__(self, inner):
+            self.inner, self.seen = inner, set()
+
+        def forward(self, layer, hidden_states, topk_ids, topk_weights):
+            self.seen.add(torch.get_num_threads())
+            return self.inner.forward(layer, hidden_states, topk_ids, topk_weights)
+
+    caller = torch.get_num_threads()
+    ids = prompt(6, seed=3)["prompt_token_ids"]
+    want = llm.generate([{"prompt_token_ids": ids}], greedy(max_tokens=6, ignore_eos=True))[0].outputs[0].token_ids
+    for threads in (1, 2):
+        experts = ThreadsSeen(LocalExperts(load_weights(tiny_model_dir, dtype="float32", dense=False).experts))
+        engine = AsyncLLMEngine(tiny_model_dir, EngineOptions(dtype="float32"), experts=experts, num_threads=threads)
+
+        async def run():
+            return [t async for d in engine.generate("r", ids, greedy(max_tokens=6, ignore_eos=True))
+                    for t in d.new_token_ids]
+
+        try:
+            assert asyncio.run(run()) == list(want)
+        finally:
+            engine.shutdown()
+        assert experts.seen == {threads}
+        assert torch.get_num_threads() == caller

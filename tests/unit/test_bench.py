@@ -90,7 +90,7 @@ def test_vocab_size_when_the_server_does_not_say(tmp_path):
 
 class _FakeVllm(BaseHTTPRequestHandler):
     """/v1/models without vocab_size (as vLLM), completions streamed 1 or 2 tokens a chunk, a finish chunk
-    without tokens, then the usage chunk with no choices, then [DONE]."""
+    without tokens, then the usage chunk with no choices, then [DONE]; or whole, with `stream` false."""
 
     root = ""
     bodies: list = []
@@ -105,6 +105,13 @@ class _FakeVllm(BaseHTTPRequestHandler):
     def do_POST(self):
         body = json.loads(self.rfile.read(int(self.headers["content-length"])))
         type(self).bodies.append(body)
+        if not body.get("stream"):
+            n = body["max_tokens"]
+            self._send_json({"choices": [{"index": 0, "text": "x" * n, "token_ids": list(range(n)),
+                                          "finish_reason": "length"}],
+                             "usage": {"prompt_tokens": len(body["prompt"]), "completion_tokens": n,
+                                       "total_tokens": len(body["prompt"]) + n}})
+            return
         self.send_response(200)
         self.send_header("content-type", "text/event-stream")
         self.end_headers()
