@@ -138,6 +138,7 @@ def status_report(client: ServerClient) -> str:
             lines.append(f"  {replica}: {a['sequences']:.0f} sequences ({a.get('running', 0):.0f} running, "
                          f"{a.get('waiting', 0):.0f} waiting), KV cache {100 * a['kv_usage']:.1f}% used")
     tokens = experts.get("tokens_per_expert") or {}
+    balance = experts.get("balancedness") or {}
     if tokens:
         lines.append(f"expert load over the last {experts.get('window_s', 0):.0f} s (tokens per expert; "
                      "imbalance = max / mean):")
@@ -148,9 +149,16 @@ def status_report(client: ServerClient) -> str:
             mean = total / len(counts)
             hottest = sorted(range(len(counts)), key=lambda e: -counts[e])[:3]
             per_group = [sum(counts[e] for e in members) for members in groups]
+            layer_balance = (balance.get("layers") or {}).get(layer)
             lines.append(f"  layer {layer}: {total} tokens, imbalance {max(counts) / mean:.2f}, hottest experts "
                          + ", ".join(f"{e} ({counts[e]})" for e in hottest)
-                         + (f"; per group {per_group}" if per_group else ""))
+                         + (f"; per group {per_group}" if per_group else "")
+                         + (f", balancedness {layer_balance:.2f}" if layer_balance is not None else ""))
+    if balance.get("min") is not None:
+        lines.append(f"balancedness over groups (mean / max tokens per group, 1.0 even): min {balance['min']:.2f}, "
+                     f"mean {balance['mean']:.2f} over {len(balance['layers'])} layers")
+    for g, b in sorted((balance.get("replicas") or {}).items(), key=lambda kv: int(kv[0])):
+        lines.append(f"  group {g} over its replicas (tokens/s): {b:.2f}")
     m = client.metrics()
     if "glm_ray_num_requests_running" in m:
         lines.append(f"requests: {m['glm_ray_num_requests_running']:.0f} running, "

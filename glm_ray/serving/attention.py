@@ -115,7 +115,7 @@ class AttentionReplica:
         threads sharing each layer's attention calls and projection rows, torch itself running one,
         as its OpenMP team would sleep through every expert wait and wake at each small op
         (engine/attention_workers.py); colocated, torch's own threads (nothing to wait for) on
-        the engine thread. None: every core this replica may run on.
+        the engine thread. None: every core this replica may run on but one.
         dispatch_auth: the cluster secret and TLS of the dispatch plane, for calls to expert
         replicas and on this replica's channel server (DispatchAuth.to_dict()'s shape; None:
         neither). Ingress replicas send requests over that channel (attention_channel.py), found
@@ -126,7 +126,10 @@ class AttentionReplica:
         self.snapshots = RouterSnapshots(router, refresh_s)
         # torch's threads belong to the engine thread alone (async_engine.py says why): load here on one
         torch.set_num_threads(1)
-        num_threads = num_threads or len(os.sched_getaffinity(0))
+        # colocated default: every core but one, which the ingress, HAProxy and Ray's daemons use (an
+        # OpenMP team sharing its cores stalls at every barrier a preempted worker misses; vLLM's
+        # CPU backend reserves one core the same way)
+        num_threads = num_threads or max(1, len(os.sched_getaffinity(0)) - 1)
         if placement is None:
             weights = load_weights(model_dir, dtype=engine_options.get("dtype", "auto"), dense=False)
             self.experts, workers, engine_threads = LocalExperts(weights.experts), 1, num_threads

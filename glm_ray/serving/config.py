@@ -116,7 +116,7 @@ class ServeConfig(BaseModel):
                                       "whole reserved CPUs, at least 1 (oversubscribed cores thrash): an expert "
                                       "group's torch threads; an attention replica's threads sharing each layer's "
                                       "attention calls (its torch runs one); colocated (expert_groups 0), the "
-                                      "engine's torch threads, default every core of its node unless "
+                                      "engine's torch threads, default every core of its node but one unless "
                                       "attention_resources reserves 1 CPU or more (set it when several attention "
                                       "replicas share a node)")
 
@@ -161,7 +161,7 @@ class ServeConfig(BaseModel):
         return self.torch_threads or max(1, int(resources.num_cpus))
 
     def attention_threads(self) -> int | None:
-        """An attention replica's threads (see torch_threads); None: every core it may run on."""
+        """An attention replica's threads (see torch_threads); None: every core it may run on but one."""
         if self.expert_groups == 0 and not self.torch_threads and self.attention_resources.num_cpus < 1:
             return None
         return self.threads_for(self.attention_resources)

@@ -11,6 +11,7 @@ import time
 
 from ray import serve
 
+from glm_ray.router import balance
 from glm_ray.router.registry import ReplicaRegistry
 
 
@@ -81,7 +82,11 @@ class ExpertRouter:
                 acc = tokens.setdefault(str(layer), [0] * len(per_expert))
                 for e, n in enumerate(per_expert):
                     acc[e] += n
+        rates: dict[str, list[float]] = {}
+        for r in self.registry.replicas.values():
+            rates.setdefault(str(r.group), []).append(r.tokens_per_s)
         return {"placement": self.placement, "replicas": {str(g): a for g, a in snap.replicas.items()},
+                "balancedness": balance.summarize(tokens, (self.placement or {}).get("groups") or [], rates),
                 "load": snap.load, "version": snap.version, "tokens_per_expert": tokens,
                 "groups": {str(g): v for g, v in self.registry.group_load().items()},
                 "replica_load": {a: {"group": r.group, "in_flight": r.in_flight, "busy_fraction": r.busy_fraction,

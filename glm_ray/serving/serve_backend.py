@@ -66,7 +66,7 @@ class ServeBackend:
 
     async def stats(self) -> dict:
         """What /metrics shows: demand (summed over attention replicas, and per replica), expert
-        groups' replicas and load, and every deployment's replicas by state."""
+        groups' replicas, load and balancedness, and every deployment's replicas by state."""
         status = await self.router.status.remote()
         placement = status["placement"]["groups"] if "groups" in status["placement"] else []
         routed = {}
@@ -85,7 +85,7 @@ class ServeBackend:
                 "kv_cache_usage": sum(a["kv_usage"] for a in loads) / len(loads),
                 "attention": {r: a for r, a in attention.items() if r},
                 "replicas": {g: len(a) for g, a in status["replicas"].items()}, "routed_tokens": routed,
-                "groups": status.get("groups") or {},
+                "groups": status.get("groups") or {}, "balancedness": status.get("balancedness") or {},
                 "deployments": await asyncio.to_thread(deployment_states)}
 
 

@@ -132,8 +132,17 @@ def test_health_metrics_experts(server):
     for line in ['glm_ray_deployment_replicas{deployment="ExpertGroup_0",state="running"} 1.0',
                  'glm_ray_deployment_replicas{deployment="AttentionReplica",state="running"} 1.0',
                  'glm_ray_expert_group_busy_fraction{group="1"}', 'glm_ray_expert_group_tokens_per_second{group="0"}',
-                 "glm_ray_attention_sequences{replica=", "glm_ray_attention_kv_cache_usage_ratio{replica="]:
+                 "glm_ray_attention_sequences{replica=", "glm_ray_attention_kv_cache_usage_ratio{replica=",
+                 'glm_ray_expert_balancedness{layer="', 'glm_ray_expert_balancedness_summary{stat="min"}']:
         assert line in metrics
+    # balancedness of each layer: mean / max of the tokens its groups computed over the window
+    balance, groups = experts["balancedness"], experts["placement"]["groups"]
+    assert balance["layers"] and set(balance["layers"]) <= set(experts["tokens_per_expert"])
+    for layer, b in balance["layers"].items():
+        per_group = [sum(experts["tokens_per_expert"][layer][e] for e in members) for members in groups]
+        assert b == pytest.approx(sum(per_group) / len(per_group) / max(per_group))
+        assert 1 / len(groups) <= b <= 1.0
+    assert balance["min"] == pytest.approx(min(balance["layers"].values()))
 
 
 def test_without_the_api_key_only_health_answers(server, grpc_stub):
@@ -293,6 +302,7 @@ def test_cli_status_chat_and_bench_against_the_server(server, llm, tmp_path):
     assert "tokens/s" in r.stdout and "busy" in r.stdout  # each group's load
     assert "attention replicas: 1" in r.stdout and "KV cache" in r.stdout
     assert "AttentionReplica 1/1 running" in r.stdout and "ExpertGroup_1 1/1 running" in r.stdout
+    assert "balancedness over groups (mean / max tokens per group, 1.0 even): min " in r.stdout
 
     r = cli("chat", "--url", server, "--temperature", "0", "--max-tokens", "6", "--no-thinking",
             stdin="What is the weather?\n/exit\n")

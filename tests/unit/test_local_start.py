@@ -65,7 +65,7 @@ def test_haproxy_is_installed_with_glm_ray():
 
 
 def test_colocated_replicas_compute_on_every_core_unless_told():
-    assert ServeConfig(expert_groups=0).attention_threads() is None  # every core of the replica's node
+    assert ServeConfig(expert_groups=0).attention_threads() is None  # every core of the replica's node but one
     assert ServeConfig(expert_groups=0, torch_threads=3).attention_threads() == 3
     assert ServeConfig(expert_groups=0, attention_resources={"num_cpus": 2}).attention_threads() == 2
     assert ServeConfig(expert_groups=2).attention_threads() == 1  # remote experts: one, as before

@@ -487,3 +487,23 @@ def test_sse_chunks_equal_a_whole_serialisation(head):
         line = chunks.chunk(**fields)
         assert line == sse({**head, **fields})
         assert json_.loads(line.removeprefix("data: ")) == {**head, **fields}
+
+
+@pytest.mark.parametrize("endpoint", ["chat", "completions"])
+def test_text_with_unicode_line_separators_streams_one_json_per_line(fake, fake_backend, endpoint):
+    """U+2028, U+2029 and NEL are line ends to str.splitlines, which httpx's iter_lines uses: raw in a
+    `data:` line they would cut its JSON in two. Each is escaped; every line parses; the text is intact."""
+    fake_backend.script = ["a\u2028b", "\u2029c\x85", "d\x1c\ne"]
+    body = ({"model": "fake", "messages": [{"role": "user", "content": "hi"}], "stream": True} if endpoint == "chat"
+            else {"model": "fake", "prompt": "hi", "stream": True, "max_tokens": 8})
+    path = "/v1/chat/completions" if endpoint == "chat" else "/v1/completions"
+    text = ""
+    with httpx.stream("POST", fake.url + path, json=body, timeout=30) as r:
+        assert r.status_code == 200
+        lines = [line for line in r.iter_lines() if line]
+    assert lines[-1] == "data: [DONE]"
+    for line in lines[:-1]:
+        assert line.startswith("data: "), line
+        choice = json.loads(line.removeprefix("data: "))["choices"][0]
+        text += (choice.get("delta") or {}).get("content") or choice.get("text") or ""
+    assert text == "".join(fake_backend.script)

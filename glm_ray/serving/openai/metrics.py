@@ -26,6 +26,12 @@ class Metrics:
                               registry=r)
         self.replicas = Gauge("glm_ray_expert_group_replicas", "Live replicas per expert group", ["group"],
                               registry=r)
+        self.balancedness = Gauge("glm_ray_expert_balancedness", "Mean / max tokens per expert group of a MoE "
+                                  "layer over the router's window (1.0 is even)", ["layer"], registry=r)
+        self.balancedness_summary = Gauge("glm_ray_expert_balancedness_summary", "Balancedness over the MoE "
+                                          "layers: their min and mean", ["stat"], registry=r)
+        self.replica_balancedness = Gauge("glm_ray_expert_replica_balancedness", "Mean / max tokens/s over the "
+                                          "replicas of an expert group", ["group"], registry=r)
         self.routed_tokens = Gauge("glm_ray_expert_group_routed_tokens", "Tokens routed to each expert group",
                                    ["group"], registry=r)
         self.group_busy = Gauge("glm_ray_expert_group_busy_fraction", "Seconds computing per wall second, mean "
@@ -68,6 +74,17 @@ class Metrics:
             for group, load in (stats.get("groups") or {}).items():
                 self.group_busy.labels(str(group)).set(load["busy_fraction"])
                 self.group_tokens.labels(str(group)).set(load["tokens_per_s"])
+            balance = stats.get("balancedness") or {}
+            self.balancedness.clear()
+            for layer, b in (balance.get("layers") or {}).items():
+                self.balancedness.labels(str(layer)).set(b)
+            self.balancedness_summary.clear()
+            for stat in ("min", "mean"):
+                if balance.get(stat) is not None:
+                    self.balancedness_summary.labels(stat).set(balance[stat])
+            self.replica_balancedness.clear()
+            for group, b in (balance.get("replicas") or {}).items():
+                self.replica_balancedness.labels(str(group)).set(b)
             # replicas come and go: old label sets must not linger as stale series
             self.deployment_replicas.clear()
             for name, d in (stats.get("deployments") or {}).items():

@@ -14,8 +14,20 @@ from glm_ray.serving.openai.metrics import Metrics
 DONE = "data: [DONE]\n\n"
 
 
+# Characters JSON leaves raw that `str.splitlines` (and so httpx's `aiter_lines` and many hand-written
+# SSE readers) takes for line ends: inside a `data:` line they would cut the JSON in two. json.dumps
+# already escapes the C0 ones (\n, \r, \x0b, \x0c, \x1c-\x1e); these three it does not.
+_LINE_BREAKS = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
+
+
+def line_json(obj) -> str:
+    """`obj` as JSON on one line whatever the reader takes for a line end (non-ASCII text stays
+    readable otherwise)."""
+    return json.dumps(obj, ensure_ascii=False).translate(_LINE_BREAKS)
+
+
 def sse(obj: dict) -> str:
-    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+    return f"data: {line_json(obj)}\n\n"
 
 
 class SseChunks:
@@ -24,10 +36,10 @@ class SseChunks:
     `sse({**head, **fields})`, the fields being new keys."""
 
     def __init__(self, head: dict):
-        self._prefix = "data: " + json.dumps(head, ensure_ascii=False)[:-1] + (", " if head else "")
+        self._prefix = "data: " + line_json(head)[:-1] + (", " if head else "")
 
     def chunk(self, **fields) -> str:
-        return f"{self._prefix}{json.dumps(fields, ensure_ascii=False)[1:]}\n\n"
+        return f"{self._prefix}{line_json(fields)[1:]}\n\n"
 
 
 async def open_stream(backend, request: dict, metrics: Metrics, arrival: float) -> AsyncIterator[dict]:
