@@ -8,6 +8,8 @@ from collections.abc import Iterator
 
 import requests
 
+from glm_ray.router.balance import group_tokens
+
 
 class ClientError(RuntimeError):
     """The server could not be reached, or answered with an error (its message included)."""
@@ -148,7 +150,7 @@ def status_report(client: ServerClient) -> str:
                 continue
             mean = total / len(counts)
             hottest = sorted(range(len(counts)), key=lambda e: -counts[e])[:3]
-            per_group = [sum(counts[e] for e in members) for members in groups]
+            per_group = group_tokens(counts, groups)
             layer_balance = (balance.get("layers") or {}).get(layer)
             lines.append(f"  layer {layer}: {total} tokens, imbalance {max(counts) / mean:.2f}, hottest experts "
                          + ", ".join(f"{e} ({counts[e]})" for e in hottest)

@@ -22,9 +22,7 @@ disaggregated one), so the cluster's start-up is in no stage's figures.
 
 from __future__ import annotations
 
-import asyncio
 import os
-import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -86,21 +84,6 @@ def _measured(fn):
     return run, by_role
 
 
-def _handle_run(handle, workload: Workload) -> dict:
-    from glm_ray.bench.distributed import _stream_all
-
-    t0 = time.monotonic()
-    results = asyncio.run(_stream_all(handle, workload, t0, stream=False))
-    wall = time.monotonic() - t0
-    token_ids = [ids for _, ids in results]
-    for ids, want in zip(token_ids, workload.output_lens):
-        if len(ids) != want:
-            raise RuntimeError(f"the attention replica returned {len(ids)} tokens for a request asking {want}")
-    return {"wall_time_s": wall, "num_requests": len(results), "num_output_tokens": sum(map(len, token_ids)),
-            "num_generated_tokens": sum(map(len, token_ids)), "ttft_s": [t[0] if t else None for t, _ in results],
-            "token_times_s": [t for t, _ in results], "token_ids": token_ids}
-
-
 def run_cluster_stages(model_dir: str | Path, workload: Workload, dtype: str, kv_cache_memory: int,
                        groups: int, concurrency: int, http_port: int, vocab_size: int,
                        stages: list[str], attention_cpus: float | None = None, http_proxy: str = "haproxy") -> dict:
@@ -109,7 +92,7 @@ def run_cluster_stages(model_dir: str | Path, workload: Workload, dtype: str, kv
     import ray
     from ray import serve
 
-    from glm_ray.bench.distributed import workload_vocab
+    from glm_ray.bench.distributed import run_through
     from glm_ray.bench.offline import MAX_NUM_BATCHED_TOKENS
     from glm_ray.bench.online import run_online, summarize_online
     from glm_ray.bench.workloads import warmup_workload
@@ -134,19 +117,19 @@ def run_cluster_stages(model_dir: str | Path, workload: Workload, dtype: str, kv
                                  else {}))
             local.start(cfg)
             attention = serve.get_deployment_handle("AttentionReplica", app_name=APP_NAME).options(stream=True)
-            from glm_ray.bench.distributed import _stream_all
-
-            asyncio.run(_stream_all(attention, warmup_workload(workload_vocab(model_dir)), time.monotonic(),
-                                    stream=False))
+            warm = warmup_workload(vocab_size)
+            run_through(attention, warm)
+            run_online(url, warm, vocab_size=vocab_size, warmup=False)  # so no stage times a first request
             for name in mine:
                 stage_load = stage_workload(workload, list(STAGES).index(name), vocab_size)
                 if name in ("colocated", "remote"):
-                    run, by_role = _measured(lambda: _handle_run(attention, stage_load))
+                    run, by_role = _measured(lambda: run_through(attention, stage_load))
                     summary = stats.summarize_run(run)
                 else:
                     streamed = name.endswith("stream")
                     run, by_role = _measured(lambda: run_online(url, stage_load, concurrency=concurrency,
-                                                                vocab_size=vocab_size, stream=streamed))
+                                                                vocab_size=vocab_size, stream=streamed,
+                                                                warmup=False))
                     summary = summarize_online(run)
                 summary["cpu"] = _cpu_entry(by_role, run["num_generated_tokens"], run["wall_time_s"])
                 out[name] = {"summary": summary, "token_ids": run["token_ids"]}

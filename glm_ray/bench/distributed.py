@@ -91,26 +91,36 @@ def run_distributed(model_dir: str | Path, workload: Workload, dtype: str = "flo
         load_time = time.monotonic() - start
 
         warm = warmup_workload(workload_vocab(model_dir))
-        asyncio.run(_stream_all(handle, warm, time.monotonic(), stream))
+        run_through(handle, warm, stream)
         attention.dispatch_stats.remote().result()  # reset the counters: time only the run
 
-        t0 = time.monotonic()
-        results = asyncio.run(_stream_all(handle, workload, t0, stream))
-        wall = time.monotonic() - t0
+        run = run_through(handle, workload, stream)
         stats = attention.dispatch_stats.remote().result()
     finally:
         serve.shutdown()
         ray.shutdown()
-    token_ids = [ids for _, ids in results]
-    for ids, want in zip(token_ids, workload.output_lens):
-        if len(ids) != want:
-            raise RuntimeError(f"the distributed app returned {len(ids)} tokens for a request asking {want}")
     return {
         "system": f"distributed (G={groups}, N={attention_replicas})",
         "options": cfg.model_dump(include={"expert_groups", "attention_replicas", "dtype", "kv_cache_memory",
                                            "max_num_seqs", "max_num_batched_tokens", "microbatches",
                                            "attention_resources", "expert_resources"}) | {"streaming": stream},
         "load_time_s": load_time,
+        **run,
+        "breakdown": _breakdown(stats),
+    }
+
+
+def run_through(handle, workload: Workload, stream: bool = False) -> dict:
+    """The workload through an attention deployment's streaming handle, all sent at once: the raw
+    run `stats.summarize_run` reads. Raises if a request got other than the tokens it asked for."""
+    t0 = time.monotonic()
+    results = asyncio.run(_stream_all(handle, workload, t0, stream))
+    wall = time.monotonic() - t0
+    token_ids = [ids for _, ids in results]
+    for ids, want in zip(token_ids, workload.output_lens):
+        if len(ids) != want:
+            raise RuntimeError(f"the attention replica returned {len(ids)} tokens for a request asking {want}")
+    return {
         "wall_time_s": wall,
         "num_requests": len(results),
         "num_output_tokens": sum(map(len, token_ids)),
@@ -118,7 +128,6 @@ def run_distributed(model_dir: str | Path, workload: Workload, dtype: str = "flo
         "ttft_s": [times[0] if times else None for times, _ in results],
         "token_times_s": [times for times, _ in results],
         "token_ids": token_ids,
-        "breakdown": _breakdown(stats),
     }
 
 

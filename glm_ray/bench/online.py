@@ -181,8 +181,10 @@ def _whole_one(session: requests.Session, url: str, model: str, prompt: list[int
 
 
 def run_online(url: str, workload: Workload, progress: bool = False, concurrency: int | None = None,
-               api_key: str | None = None, vocab_size: int | None = None, stream: bool = True) -> dict:
-    """`stream=False`: every request answered whole (TTFT is then the whole request's latency)."""
+               api_key: str | None = None, vocab_size: int | None = None, stream: bool = True,
+               warmup: bool = True) -> dict:
+    """`stream=False`: every request answered whole (TTFT is then the whole request's latency);
+    `warmup=False`: no untimed warmup requests first (the caller warmed the server)."""
     url = url.rstrip("/")
     send = _stream_one if stream else _whole_one
     info = served_model(url, api_key)
@@ -195,10 +197,10 @@ def run_online(url: str, workload: Workload, progress: bool = False, concurrency
     done = [0]
     lock = threading.Lock()
 
-    warm = warmup_workload(vocab_size or served_vocab_size(info))
+    warm = warmup_workload(vocab_size or served_vocab_size(info)) if warmup else None
     with requests.Session() as session:
         session.headers.update(auth_headers(api_key))
-        for prompt, n in zip(warm.prompts, warm.output_lens):
+        for prompt, n in zip(warm.prompts, warm.output_lens) if warm else ():
             _stream_one(session, url, model, list(prompt), n, time.monotonic())
 
     bar = None

@@ -31,7 +31,7 @@ def role_of(pid: int, cmdline: str, comm: str, own_pid: int) -> str:
     for daemon in ("raylet", "gcs_server", "dashboard", "log_monitor", "runtime_env_agent"):
         if daemon in comm or daemon in cmdline.split(" ")[0]:
             return daemon
-    if "default_worker.py" in cmdline or comm == "ray::IDLE":
+    if "default_worker.py" in cmdline:  # a worker not yet titled
         return "ray worker (idle)"
     return "other"
 

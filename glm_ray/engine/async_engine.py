@@ -7,10 +7,12 @@ threads per thread that ever ran a parallel region, and once a process holds mor
 than cores it stops spinning between regions, so every small op pays a futex wake-up (~80 us on
 a 2-core VM): an engine thread whose process had already run parallel torch ops elsewhere (a
 server's loading thread) ran decode at 0.65x of the same engine on the main thread. Load with
-torch at one thread (`torch.set_num_threads(1)`) and give the engine its threads here. Deltas come back either to each request's
-asyncio queue on the caller's loop (`generate`), or, for a server that multiplexes many requests
-on one connection, to a `DeltaSink` that gets all of its requests' deltas of a step in one call
-(`submit`): one message a step for the connection instead of one per request.
+torch at one thread (`torch.set_num_threads(1)`) and give the engine its threads here.
+
+Deltas come back either to each request's asyncio queue on the caller's loop (`generate`), or, for
+a server that multiplexes many requests on one connection, to a `DeltaSink` that gets all of its
+requests' deltas of a step in one call (`submit`): one message a step for the connection instead
+of one per request.
 """
 
 from __future__ import annotations

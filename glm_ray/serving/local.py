@@ -31,7 +31,7 @@ def proxy_environment(http_proxy: str) -> dict[str, str]:
       a stopping one keeps serving RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S (Ray's default
       30 s, for load balancers in front; a few seconds here, where HAProxy is local).
     - `serve`: Serve's Python HTTP proxy actor; every SSE chunk crosses from the ingress replica to
-      it as a Ray message (measured in BENCHMARKS.md: 0.87 ms of CPU per streamed token).
+      it as a Ray message (measured in BENCHMARKS.md: 0.96 ms of CPU per streamed token).
     """
     if http_proxy not in HTTP_PROXIES:
         raise ValueError(f"http proxy {http_proxy!r}: choose one of {', '.join(HTTP_PROXIES)}")
@@ -95,11 +95,11 @@ def model_name(cfg) -> str:
     return Path(cfg.model).name if cfg.model else DEFAULT_MODEL_NAME
 
 
-def http_proxy_in_use(started_ray: bool) -> str:
-    """What serves HTTP: read from this process's environment when it started the cluster."""
+def http_proxy_in_use(http_proxy: str, started_ray: bool) -> str:
+    """What serves HTTP: `http_proxy` on a cluster this process started, else the cluster's own."""
     if not started_ray:
         return "the cluster's (RAY_SERVE_ENABLE_HA_PROXY where it started)"
-    if os.environ.get("RAY_SERVE_ENABLE_HA_PROXY") == "1":
+    if http_proxy == "haproxy":
         return "HAProxy, straight to the ingress replicas"
     return "Serve's HTTP proxy (--http-proxy haproxy streams faster)"
 
@@ -136,7 +136,7 @@ def serve_forever(cfg, http_proxy: str = "haproxy") -> int:
               file=sys.stderr, flush=True)
         http_proxy = "serve"
     started_ray = start(cfg, http_proxy=http_proxy)
-    print(banner(cfg, http_proxy_in_use(started_ray)))
+    print(banner(cfg, http_proxy_in_use(http_proxy, started_ray)))
     print("Ctrl-C to stop.", flush=True)
     stopping = []
     # both handled explicitly: a shell starting us in the background leaves SIGINT ignored

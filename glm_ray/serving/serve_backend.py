@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 
 from glm_ray.config import load_model_config
 from glm_ray.experts.auth import DispatchAuth
+from glm_ray.router.balance import group_tokens
 from glm_ray.engine.config import EngineLimits, EngineOptions
 from glm_ray.engine.kv_cache import kv_bytes_per_token
 from glm_ray.model.loader import resolve_dtype
@@ -71,8 +72,8 @@ class ServeBackend:
         placement = status["placement"]["groups"] if "groups" in status["placement"] else []
         routed = {}
         for per_expert in status["tokens_per_expert"].values():
-            for g, experts in enumerate(placement):
-                routed[str(g)] = routed.get(str(g), 0) + sum(per_expert[e] for e in experts)
+            for g, n in enumerate(group_tokens(per_expert, placement)):
+                routed[str(g)] = routed.get(str(g), 0) + n
         attention = status.get("attention") or {}
         if not attention:  # no report yet: ask one replica
             engine = await self.attention.engine_stats.remote()

@@ -78,10 +78,13 @@ def test_whole_requests_over_http_arrive_as_one_chunk_each(tmp_path):
         workload = make_workload("D", 1024, num_requests=4, scale=0.1)
         run = run_online(f"http://127.0.0.1:{server.server_port}", workload, concurrency=2, stream=False,
                          vocab_size=1024)
+        run_online(f"http://127.0.0.1:{server.server_port}", workload, concurrency=2, stream=False,
+                   vocab_size=1024, warmup=False)
     finally:
         server.shutdown()
         server.server_close()
-    assert len(handler.bodies) == 2 + 4 and all(not b.get("stream") for b in handler.bodies[2:])  # after the warmups
+    # two streamed warmups, then the run; the second run (warmup=False: the breakdown warms once) only its 4
+    assert len(handler.bodies) == 2 + 4 + 4 and all(not b.get("stream") for b in handler.bodies[2:])
     assert run["num_output_tokens"] == sum(workload.output_lens)
     assert run["chunk_sizes"] == [[n] for n in workload.output_lens]
 
