@@ -104,6 +104,15 @@ def end_processes(marker: str, *, environ: bool = False, grace_s: float = 10) ->
             time.sleep(0.2)
 
 
+def describe(pids: dict[int, str], marker: str) -> dict[int, str]:
+    """pid -> command line and the environment entries that name `marker`: what a failure message needs."""
+    out = {}
+    for pid, cmdline in pids.items():
+        named = [e.decode(errors="replace") for e in _read(f"/proc/{pid}/environ").split(b"\0") if marker.encode() in e]
+        out[pid] = f"{cmdline[:200]} | environment: {named}"
+    return out
+
+
 def wait_gone(marker: str, *, environ: bool = False, timeout_s: float = 30) -> dict[int, str]:
     deadline = time.monotonic() + timeout_s
     while (left := processes_with(marker, environ=environ)) and time.monotonic() < deadline:
@@ -116,11 +125,12 @@ def wait_gone(marker: str, *, environ: bool = False, timeout_s: float = 30) -> d
 # client server names no temp dir); the sessions' environment does: sshd gives them RAY_TMPDIR=<temp dir>.
 RAY_WRAPPER = '''#!{python}
 """`ray` for the e2e test's cluster only. `ray stop` ends the processes of this cluster's temp dir
-({temp_dir}): those whose command line names it or whose environment has RAY_TMPDIR set to it or HOME set to
-the SSH sessions' home (Ray's agents, retitled, were seen without RAY_TMPDIR), not every Ray process on the
-machine as the real one does. Anything else is the real `ray`."""
+({temp_dir}): those whose command line names it or whose environment has RAY_TMPDIR set to it, HOME set to
+the SSH sessions' home or the test's GLM_RAY_E2E_MARKER, not every Ray process on the machine as the real one
+does. Ray's agents retitle themselves, and the title can overwrite the start of their environment (CI saw them
+without RAY_TMPDIR and HOME): the marker, which Ray puts last, survives. Anything else is the real `ray`."""
 import os, signal, sys, time
-TEMP_DIR, HOME, REAL = {temp_dir!r}, {home!r}, {real!r}
+TEMP_DIR, HOME, MARKER, REAL = {temp_dir!r}, {home!r}, {marker!r}, {real!r}
 if sys.argv[1:2] != ["stop"]:
     os.execv(REAL, [REAL, *sys.argv[1:]])
 def read(path):
@@ -142,7 +152,7 @@ def ours():
     mine = ancestors()
     return [int(pid) for pid in filter(str.isdigit, os.listdir("/proc")) if int(pid) not in mine and (
         TEMP_DIR.encode() in read(f"/proc/{{pid}}/cmdline")
-        or {{("RAY_TMPDIR=" + TEMP_DIR).encode(), ("HOME=" + HOME).encode()}}
+        or {{("RAY_TMPDIR=" + TEMP_DIR).encode(), ("HOME=" + HOME).encode(), ("GLM_RAY_E2E_MARKER=" + MARKER).encode()}}
         & set(read(f"/proc/{{pid}}/environ").split(b"\\0")))]
 for sig, wait_s in ((signal.SIGTERM, 5), (signal.SIGKILL, 5)):  # the cluster is being thrown away
     for pid in ours():
@@ -379,7 +389,7 @@ def local_cluster(request, tiny_model_dir):
 
     (home / ".bashrc").write_text(f"export PATH={home}/bin:{VENV_BIN}:$PATH\n")  # Debian's profile resets PATH
     wrapper = home / "bin" / "ray"
-    wrapper.write_text(RAY_WRAPPER.format(python=sys.executable, temp_dir=str(ray_temp), home=str(home),
+    wrapper.write_text(RAY_WRAPPER.format(python=sys.executable, temp_dir=str(ray_temp), home=str(home), marker=marker,
                                           real=str(RAY)))
     wrapper.chmod(0o755)
     ssh_env = {"HOME": str(home), "RAY_TMPDIR": str(ray_temp), "RAY_USAGE_STATS_ENABLED": "0",
@@ -517,15 +527,14 @@ def test_ray_up_serve_deploy_query_ray_down(local_cluster):
     assert r.returncode == 0, f"ray down failed:\n{tail(c.log)}"
     c.mark_up(False)
     left = wait_gone(str(c.ray_temp), environ=True)
-    assert not left, f"processes of the cluster's temp dir left after ray down: {left}"
+    assert not left, f"processes of the cluster's temp dir left after ray down: {describe(left, c.marker)}"
     c.sshd.terminate()
     assert c.sshd.wait(10) is not None
     end_processes(str(c.tmp / "id_ed25519"), grace_s=5)  # the launcher's ssh ControlMaster (it idles 10 s)
-    # Ray's retitled agents (seen in CI without RAY_TMPDIR, so the wrapper's `ray stop` misses them) can
-    # outlive `ray down` while they poll for their raylet: end what still carries the sessions' HOME
-    end_processes(str(c.home), environ=True, grace_s=5)
+    # the SSH sessions' processes (sshd gave them the marker variable, which outlives a retitle) end with sshd
+    end_processes(f"GLM_RAY_E2E_MARKER={c.marker}", environ=True, grace_s=5)
     left = wait_gone(c.marker, environ=True)
-    assert not left, f"processes of this test left after ray down and stopping sshd: {left}"
+    assert not left, f"processes of this test left after ray down and stopping sshd: {describe(left, c.marker)}"
     with socket.socket() as s:
         assert s.connect_ex(("127.0.0.1", c.ports["http"])) != 0, "Serve's HTTP port still answers"
     print(f"ray up {up_s:.0f} s, healthy at {healthy_s:.0f} s, queried at {queried_s:.0f} s, "
