@@ -101,6 +101,7 @@ def serve_config_of(args):
             data[f"{name}_replicas"] = value
             data[f"{name}_autoscaling"] = None
     overrides = dict(model=args.model, expert_groups=args.expert_groups, dtype=args.dtype, host=args.host,
+                     redundant_experts=args.redundant_experts, rebalance_threshold=args.rebalance_threshold,
                      http_port=args.http_port,
                      grpc_port=args.grpc_port, expert_host=args.expert_host,
                      cluster_secret_file=args.cluster_secret_file, api_keys=args.api_key or None,
@@ -161,6 +162,11 @@ def add_serve_flags(p: argparse.ArgumentParser) -> None:
                    help="attention replicas: a fixed N, or MIN:MAX to autoscale on demand")
     p.add_argument("--expert-replicas", type=replicas_arg, default=None, metavar="N|MIN:MAX",
                    help="replicas per expert group: a fixed N, or MIN:MAX to autoscale each group on its load")
+    p.add_argument("--redundant-experts", type=non_negative_int, default=None, metavar="R",
+                   help="spare expert slots per group, filled by rebalancing with copies of the hottest experts")
+    p.add_argument("--rebalance-threshold", type=number_in(0, 1), default=None, metavar="B",
+                   help="rebalance when the balancedness over expert groups (min over layers) falls below B "
+                   "(default 0.8 with --redundant-experts, else off; 0: off)")
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default=None)
     p.add_argument("--host", default=None, help="HTTP bind address (default 127.0.0.1)")
     p.add_argument("--http-port", type=int, default=None)
@@ -220,6 +226,16 @@ def cmd_status(args) -> int:
     return 0
 
 
+def cmd_rebalance(args) -> int:
+    from glm_ray.client import ClientError, ServerClient, rebalance_report
+
+    try:
+        print(rebalance_report(ServerClient(args.url, api_key=args.api_key).rebalance()))
+    except ClientError as e:
+        raise SystemExit(f"glm-ray: error: --url {args.url}: {e}") from None
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="glm-ray", description="Serve GLM-4.5 / GLM-4.6 MoE models on Ray.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -272,6 +288,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--url", default="http://127.0.0.1:8000", help="the server (default http://127.0.0.1:8000)")
     p.add_argument("--api-key", default=None, help="the server's API key (default: $GLM_RAY_API_KEY)")
     p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("rebalance", help="rebalance the expert placement of a running server now")
+    p.add_argument("--url", default="http://127.0.0.1:8000", help="the server (default http://127.0.0.1:8000)")
+    p.add_argument("--api-key", default=None, help="the server's API key (default: $GLM_RAY_API_KEY)")
+    p.set_defaults(func=cmd_rebalance)
 
     from glm_ray.bench.cli import add_bench_parser
 

@@ -8,7 +8,6 @@ from collections.abc import Iterator
 
 import requests
 
-from glm_ray.router.balance import group_tokens
 
 
 class ClientError(RuntimeError):
@@ -50,6 +49,15 @@ class ServerClient:
 
     def experts(self) -> dict:
         return self._json("/v1/experts")
+
+    def rebalance(self) -> dict:
+        try:
+            r = requests.post(f"{self.url}/v1/experts/rebalance", timeout=self.timeout_s, headers=self.headers)
+        except requests.RequestException as e:
+            raise ClientError(f"cannot reach {self.url}: {e}") from None
+        if r.status_code != 200:
+            raise ClientError(f"/v1/experts/rebalance: {_error_message(r)}")
+        return r.json()
 
     def metrics(self) -> dict[str, float]:
         """Prometheus samples without labels or with one label, as {"name{label}": value}."""
@@ -150,7 +158,7 @@ def status_report(client: ServerClient) -> str:
                 continue
             mean = total / len(counts)
             hottest = sorted(range(len(counts)), key=lambda e: -counts[e])[:3]
-            per_group = group_tokens(counts, groups)
+            per_group = [round(n) for n in (experts.get("group_tokens") or {}).get(layer, [])]
             layer_balance = (balance.get("layers") or {}).get(layer)
             lines.append(f"  layer {layer}: {total} tokens, imbalance {max(counts) / mean:.2f}, hottest experts "
                          + ", ".join(f"{e} ({counts[e]})" for e in hottest)
@@ -161,12 +169,49 @@ def status_report(client: ServerClient) -> str:
                      f"mean {balance['mean']:.2f} over {len(balance['layers'])} layers")
     for g, b in sorted((balance.get("replicas") or {}).items(), key=lambda kv: int(kv[0])):
         lines.append(f"  group {g} over its replicas (tokens/s): {b:.2f}")
+    lines.extend(_rebalance_lines(experts.get("rebalance")))
     m = client.metrics()
     if "glm_ray_num_requests_running" in m:
         lines.append(f"requests: {m['glm_ray_num_requests_running']:.0f} running, "
                      f"{m.get('glm_ray_num_requests_waiting', 0):.0f} waiting; KV cache "
                      f"{100 * m.get('glm_ray_kv_cache_usage_ratio', 0):.1f}% used")
     return "\n".join(lines)
+
+
+def rebalance_report(record: dict) -> str:
+    """What `glm-ray rebalance` prints for the router's answer."""
+    before, after = record["balancedness_before"], record["predicted_after"]
+    fmt = lambda b: "n/a" if b is None else f"{b:.3f}"  # noqa: E731
+    if not record["changed"]:
+        return (f"placement version {record['version']} stays: no placement the policy finds is better "
+                f"(balancedness min {fmt(before.get('min'))}, mean {fmt(before.get('mean'))})")
+    lines = [f"rebalancing to placement version {record['version']} ({record['reason']}): balancedness min "
+             f"{fmt(before.get('min'))} -> {fmt(after.get('min'))} predicted, mean {fmt(before.get('mean'))} -> "
+             f"{fmt(after.get('mean'))}; {record['copies']} expert copies in {record['slots_per_group']} slots "
+             "per group"]
+    for g, move in sorted(record["moves"].items(), key=lambda kv: int(kv[0])):
+        lines.append(f"  group {g}: gains {move['gains'] or 'none'}, drops {move['drops'] or 'none'}")
+    lines.append("expert replicas load their new slots while serving; `glm-ray status` shows when it is published")
+    return "\n".join(lines)
+
+
+def _rebalance_lines(r: dict | None) -> list[str]:
+    if not r:
+        return []
+    lines = [f"placement version {r['version']}: {r['slots_per_group']} slots per group "
+             f"({r['redundant_experts']} redundant), {r['rebalances']} rebalance(s), {r['failures']} abandoned"
+             + (f"; version {r['pending_version']} loading" if r.get("pending_version") is not None else "")]
+    last = r.get("last")
+    if last:
+        before, after = last["balancedness_before"].get("min"), last["predicted_after"].get("min")
+        lines.append(f"  last rebalance ({last['reason']}): {last['state']}"
+                     + (f" in {last['seconds']:.1f} s" if last.get("seconds") is not None else "")
+                     + (f", balancedness {before:.2f} -> {after:.2f} predicted" if before is not None
+                        and after is not None else "")
+                     + (f", longest engine step meanwhile {1e3 * last['longest_step_s']:.0f} ms"
+                        if last.get("longest_step_s") else "")
+                     + (f": {last['error']}" if last.get("error") else ""))
+    return lines
 
 
 def _ranges(ids: list[int]) -> str:

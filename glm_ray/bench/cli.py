@@ -55,7 +55,16 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--no-baseline", action="store_true", help="skip transformers")
     p.add_argument("--distributed", action="store_true",
                    help="also run the disaggregated app (expert groups over gRPC) on a local Ray cluster")
-    p.add_argument("--expert-groups", type=positive_int, default=2, help="G of the --distributed run")
+    p.add_argument("--expert-groups", type=positive_int, default=None,
+                   help="G of the --distributed and --breakdown runs (default 2) and of --rebalance (default 4)")
+    p.add_argument("--rebalance", action="store_true",
+                   help="a skewed routing (the small preset with --hot-experts always chosen, all in group 0) "
+                        "through G expert groups with --redundant-experts spare slots: throughput, balancedness "
+                        "and the slowest group's expert time per step, before, during and after a live rebalance, "
+                        "and the longest engine step during it against the median step around it")
+    p.add_argument("--redundant-experts", type=positive_int, default=2, help="--rebalance: R spare slots per group")
+    p.add_argument("--hot-experts", type=positive_int, default=3,
+                   help="--rebalance without --model: experts 0..N-1 are chosen by every token")
     p.add_argument("--attention-cpus", type=positive_int, default=None,
                    help="--distributed: CPUs reserved by the attention replica, and its threads sharing "
                         "each layer's attention (default: every core)")
@@ -148,8 +157,9 @@ def bench_workload(name: str, model_dir: Path, vocab_size: int, args) -> dict:
             runs["hf"].append(stats.summarize_run(run))
             tokens["hf"] = run["token_ids"]
         if args.distributed:
-            _log(f"  distributed app (G={args.expert_groups}, N=1) on a local Ray cluster ({i + 1}/{args.repeat}) ...")
-            run = run_in_child(run_distributed, model_dir, workload, args.dtype, args.expert_groups, 1,
+            _log(f"  distributed app (G={args.expert_groups or 2}, N=1) on a local Ray cluster "
+                 f"({i + 1}/{args.repeat}) ...")
+            run = run_in_child(run_distributed, model_dir, workload, args.dtype, (args.expert_groups or 2), 1,
                                attention_cpus=args.attention_cpus, stream=args.stream)
             runs["distributed"].append({**stats.summarize_run(run), "breakdown": run["breakdown"]})
             tokens["distributed"] = run["token_ids"]
@@ -237,13 +247,44 @@ def run_breakdown(args) -> int:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
         _log("stages on a local Ray cluster: " + ", ".join(on_cluster) + " ...")
-        stages |= run_in_child(run_cluster_stages, model_dir, workload, args.dtype, kv, args.expert_groups,
+        stages |= run_in_child(run_cluster_stages, model_dir, workload, args.dtype, kv, (args.expert_groups or 2),
                                concurrency, port, vocab_size, on_cluster, args.attention_cpus, args.http_proxy)
     stages = {n: stages[n] for n in STAGES if n in stages}
-    report["stages"] = {n: {"description": describe(n, args.expert_groups, concurrency, args.http_proxy),
+    report["stages"] = {n: {"description": describe(n, (args.expert_groups or 2), concurrency, args.http_proxy),
                             **e["summary"]} for n, e in stages.items()}
     report["machine"]["load_average_at_end"] = load_average()
-    print(format_breakdown(stages, args.expert_groups, concurrency, args.http_proxy))
+    print(format_breakdown(stages, (args.expert_groups or 2), concurrency, args.http_proxy))
+    _write(report, args.output)
+    return 0
+
+
+def run_rebalance_bench(args) -> int:
+    """`--rebalance`: glm_ray.bench.rebalance in a child process."""
+    from glm_ray.bench.rebalance import format_rebalance, run_rebalance, skewed_model
+    from glm_ray.config import load_model_config
+
+    if args.url:
+        raise SystemExit("glm-ray: error: --rebalance starts its own cluster; it takes no --url")
+    if args.model is None:
+        _log(f"the small preset with experts 0..{args.hot_experts - 1} always routed to (built once) ...")
+        model_dir = Path(run_in_child(skewed_model, DEFAULT_PRESET, args.hot_experts)["path"])
+    else:
+        model_dir = resolve_model_dir(args.model)
+    name = "D" if args.workload == "all" else args.workload
+    workload = make_workload(name, load_model_config(model_dir).vocab_size, args.seed, args.num_requests, args.scale)
+    groups = args.expert_groups or 4
+    report = new_report(sys.argv, str(model_dir), args.dtype, args.seed)
+    report["arguments"] = {k: v for k, v in vars(args).items() if k != "func"}
+    report["workload"] = workload.summary()
+    _log(f"workload {name}: {workload.num_requests} requests, {workload.num_output_tokens} output tokens, three "
+         f"times on G={groups}, R={args.redundant_experts} (before, during and after a rebalance) ...")
+    result = run_in_child(run_rebalance, model_dir, workload, args.dtype, groups, args.redundant_experts,
+                          args.kv_cache_mib << 20, args.attention_cpus)
+    print(format_rebalance(result))
+    for phase in result["phases"].values():
+        phase.pop("token_ids", None)
+    report["rebalance"] = result
+    report["machine"]["load_average_at_end"] = load_average()
     _write(report, args.output)
     return 0
 
@@ -265,6 +306,8 @@ def run_bench(args) -> int:
         return run_load_step(args)
     if args.breakdown:
         return run_breakdown(args)
+    if args.rebalance:
+        return run_rebalance_bench(args)
     if args.url:
         return run_url_bench(args)
 

@@ -32,6 +32,7 @@ def _breakdown(stats: dict, num_steps_hint: int | None = None) -> dict:
         "dispatch_wait_ms": 1e3 * wait_s / steps,
         "serialisation_ms": 1e3 * ser_s / steps,
         "expert_compute_ms": 1e3 * stats.get("server_compute_s", 0.0) / steps,
+        "slowest_group_ms": 1e3 * stats.get("slowest_group_s", 0.0) / steps,
         "rpc_calls": stats.get("calls", 0),
         "retries": stats.get("retries", 0),
         "bytes_sent": stats.get("bytes_sent", 0),
@@ -70,7 +71,6 @@ def run_distributed(model_dir: str | Path, workload: Workload, dtype: str = "flo
     import ray
     from ray import serve
 
-    from glm_ray.serving.app import build_app
     from glm_ray.serving.config import Resources, ServeConfig
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -82,12 +82,7 @@ def run_distributed(model_dir: str | Path, workload: Workload, dtype: str = "flo
                           dtype=dtype, kv_cache_memory=kv_cache_memory, max_num_seqs=workload.max_num_seqs,
                           max_num_batched_tokens=MAX_NUM_BATCHED_TOKENS,
                           attention_resources=Resources(num_cpus=attention_cpus or os.cpu_count() or 1))
-        serve.run(build_app(cfg), name=APP, route_prefix=None)
-        router = serve.get_deployment_handle("ExpertRouter", app_name=APP)
-        while router.status.remote().result()["missing_groups"]:
-            time.sleep(0.2)
-        attention = serve.get_deployment_handle("AttentionReplica", app_name=APP)
-        handle = attention.options(stream=True)
+        router, attention, handle = deploy_app(cfg, APP)
         load_time = time.monotonic() - start
 
         warm = warmup_workload(workload_vocab(model_dir))
@@ -108,6 +103,21 @@ def run_distributed(model_dir: str | Path, workload: Workload, dtype: str = "flo
         **run,
         "breakdown": _breakdown(stats),
     }
+
+
+def deploy_app(cfg, app: str) -> tuple:
+    """`build_app(cfg)` on the running Serve, without HTTP, once every expert group has a replica:
+    (router handle, attention handle, the attention handle for streaming calls)."""
+    from ray import serve
+
+    from glm_ray.serving.app import build_app
+
+    serve.run(build_app(cfg), name=app, route_prefix=None)
+    router = serve.get_deployment_handle("ExpertRouter", app_name=app)
+    while router.status.remote().result()["missing_groups"]:
+        time.sleep(0.2)
+    attention = serve.get_deployment_handle("AttentionReplica", app_name=app)
+    return router, attention, attention.options(stream=True)
 
 
 def run_through(handle, workload: Workload, stream: bool = False) -> dict:

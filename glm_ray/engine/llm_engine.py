@@ -7,6 +7,7 @@ sampler; routed experts come from whichever `ExpertBackend` it is given (in-proc
 from __future__ import annotations
 
 import time
+from collections import deque
 from pathlib import Path
 
 import torch
@@ -53,6 +54,7 @@ class LLMEngine:
         self.runner = ModelRunner(self.model, self.experts, self.cache, sampler, o.microbatches, workers)
         self.requests: dict[str, Request] = {}
         self.step_stats = {"steps": 0, "step_s": 0.0, "batched_tokens": 0}  # cumulative, for benchmarks
+        self.step_times: deque[tuple[float, float]] = deque(maxlen=8192)  # (monotonic end, seconds) of recent steps
 
     # --- requests -------------------------------------------------------------------------------
 
@@ -101,8 +103,10 @@ class LLMEngine:
         result = self.runner.run(out.chunks, self.requests) if out.chunks else None
         self.scheduler.finish_step(out)
         deltas = self._postprocess(out, result)
+        elapsed = time.perf_counter() - start
         self.step_stats["steps"] += 1
-        self.step_stats["step_s"] += time.perf_counter() - start
+        self.step_stats["step_s"] += elapsed
+        self.step_times.append((time.monotonic(), elapsed))
         self.step_stats["batched_tokens"] += out.num_batched_tokens
         return deltas
 

@@ -61,6 +61,7 @@ class ModelRunner:
                           {r.request_id: lp for r, lp in zip(reqs, out.logprobs)}, prompt_logits)
 
     def _forward(self, chunks: list[ScheduledChunk], step_chunks: list[StepChunk]) -> torch.Tensor:
+        self.experts.begin_step()  # every MoE layer of this step goes by one expert placement
         groups = _split_by_tokens(len(chunks), [c.num_tokens for c in chunks], self.microbatches)
         batches = []
         for start, end in groups:

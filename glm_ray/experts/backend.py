@@ -35,6 +35,9 @@ class ExpertBackend(ABC):
         """hidden_states [T, H], topk_ids [T, K] (global expert ids), topk_weights [T, K] fp32
         -> [T, H] in hidden_states' dtype: sum_k topk_weights[t, k] * Expert_{topk_ids[t, k]}(hidden_states[t])."""
 
+    def begin_step(self) -> None:
+        """A new engine step starts (its MoE layers follow): a backend may switch tables here."""
+
     def submit(
         self, layer: int, hidden_states: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor
     ) -> PendingExperts:

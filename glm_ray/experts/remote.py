@@ -32,7 +32,7 @@ from glm_ray.experts.backend import ExpertBackend
 from glm_ray.experts.policy import LeastOutstanding, ReplicaPolicy
 from glm_ray.experts.stream import CallFailed, ReplicaStream
 from glm_ray.experts.wire import GRPC_OPTIONS, MAX_MESSAGE_BYTES, array_to_proto, dtype_name, tensor_from_proto
-from glm_ray.router.placement import Placement
+from glm_ray.router.placement import Placement, Spreader
 from glm_ray.v1 import experts_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -99,6 +99,7 @@ class TransportStats:
     wait_s: float = 0.0  # caller thread blocked in result() for replies
     rpc_s: float = 0.0  # summed round trips of the RPCs
     server_compute_s: float = 0.0  # summed server-reported compute time
+    slowest_group_s: float = 0.0  # per call, the longest server-reported compute time among its groups, summed
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     def add(self, **deltas) -> None:
@@ -137,6 +138,17 @@ class EventLoopThread:
         self.loop.close()
 
 
+class _Table:
+    """A placement with what splitting a batch by it needs."""
+
+    def __init__(self, placement: Placement):
+        self.placement = placement
+        self.spread = Spreader(placement)
+        max_slots = max(len(g) for g in placement.groups)
+        # "int16" | "int32", as the wire names them
+        self.id_dtype = np.dtype(np.int16 if max_slots <= np.iinfo(np.int16).max else np.int32)
+
+
 class PendingRemote:
     def __init__(self, owner: RemoteExperts, future: Future, rows: list[np.ndarray | None], like: torch.Tensor,
                  request_id: int):
@@ -155,7 +167,7 @@ class PendingRemote:
         # numpy, not torch: these few small adds run on this thread alone, instead of waking torch's
         # OpenMP workers (asleep through the wait) on cores the expert groups may still hold
         out = np.zeros(tuple(self._like.shape), dtype=np.float32)  # [T, H]
-        received, compute = 0, 0.0
+        received, compute, slowest = 0, 0.0, 0.0
         for rows, reply in zip(self._rows, replies):
             if reply.request_id != self._request_id:
                 raise ExpertCallError(f"expert reply for request {reply.request_id}, expected {self._request_id}")
@@ -170,9 +182,10 @@ class PendingRemote:
                 out[rows] += partial.numpy()
             received += reply.ByteSize()
             compute += reply.compute_s
+            slowest = max(slowest, reply.compute_s)
         self._value = torch.from_numpy(out).to(device=self._like.device, dtype=self._like.dtype)
         stats.add(wait_s=t1 - t0, serialize_s=time.perf_counter() - t1, bytes_received=received,
-                  server_compute_s=compute)
+                  server_compute_s=compute, slowest_group_s=slowest)
         return self._value
 
 
@@ -190,7 +203,7 @@ class RemoteExperts(ExpertBackend):
     def __init__(self, placement: Placement, replicas: ReplicaSource, *, policy: ReplicaPolicy | None = None,
                  call_timeout_s: float = 60.0, unavailable_wait_s: float = 10.0, suspect_s: float = 5.0,
                  poll_s: float = 0.05, loop: EventLoopThread | None = None, auth: DispatchAuth | None = None):
-        self.placement, self.replicas = placement, replicas
+        self.replicas = replicas
         self.policy = policy or LeastOutstanding()
         self.call_timeout_s, self.unavailable_wait_s = call_timeout_s, unavailable_wait_s
         self.suspect_s, self.poll_s = suspect_s, poll_s
@@ -200,10 +213,10 @@ class RemoteExperts(ExpertBackend):
         self._credentials = self._auth.channel_credentials()  # reads the CA file now: a bad path fails here
         self._owns_loop = loop is None
         self._loop = loop or EventLoopThread("glm-ray-remote-experts")
-        max_slots = max(len(g) for g in placement.groups)
-        self._id_dtype = np.dtype(np.int16 if max_slots <= np.iinfo(np.int16).max else np.int32)
-        self._id_name = self._id_dtype.name  # "int16" | "int32", as the wire names them
-        self._group_of, self._slot_of = placement.group_of.numpy(), placement.slot_of.numpy()  # [E]
+        self._table = _Table(placement)
+        self._next_table: _Table | None = None  # a newer placement, taken at the next step's start
+        self._group_pairs: dict[tuple[int, int], np.ndarray] = {}  # (version, layer) -> pairs sent per group
+        self._pairs_lock = threading.Lock()
         self._request_ids = itertools.count(1)
         self._closed = False
         # loop-thread state only
@@ -213,6 +226,35 @@ class RemoteExperts(ExpertBackend):
         self._suspect_until: dict[str, float] = {}
         self._refreshing: asyncio.Future | None = None
         self._last_refresh = float("-inf")
+
+    @property
+    def placement(self) -> Placement:
+        return self._table.placement
+
+    def set_placement(self, placement: Placement, *, now: bool = False) -> None:
+        """Use `placement` from the next step on (`begin_step`), or at once with `now`: a step's MoE
+        layers all go by one table. Expert replicas must hold its version already (the router
+        publishes a version only then)."""
+        if placement.num_experts != self._table.placement.num_experts:
+            raise ValueError(f"placement version {placement.version} covers {placement.num_experts} experts, "
+                             f"the current one {self._table.placement.num_experts}")
+        if now:
+            self._table, self._next_table = _Table(placement), None
+        else:
+            self._next_table = _Table(placement)
+
+    def begin_step(self) -> None:
+        if self._next_table is not None:
+            self._table, self._next_table = self._next_table, None
+
+    def take_group_pairs(self) -> dict[int, dict[int, list[int]]]:
+        """{placement version: {layer: (token, expert) pairs sent to each group}} since the last call."""
+        with self._pairs_lock:
+            pairs, self._group_pairs = self._group_pairs, {}
+        out: dict[int, dict[int, list[int]]] = {}
+        for (version, layer), per_group in pairs.items():
+            out.setdefault(version, {})[layer] = per_group.tolist()
+        return out
 
     def forward(self, layer, hidden_states, topk_ids, topk_weights):
         return self.submit(layer, hidden_states, topk_ids, topk_weights).result()
@@ -225,7 +267,13 @@ class RemoteExperts(ExpertBackend):
         x_dtype = dtype_name(x.dtype)
         ids = topk_ids.cpu().numpy()  # [T, K]
         weights = topk_weights.cpu().float().numpy()  # [T, K]
-        group, slot = self._group_of[ids], self._slot_of[ids]  # [T, K]
+        table = self._table  # one table for the whole call
+        version = table.placement.version
+        group, slot = table.spread(ids)  # [T, K] each pair's group and slot there
+        counts = np.bincount(group.reshape(-1), minlength=table.placement.num_groups)
+        with self._pairs_lock:
+            acc = self._group_pairs.get((version, layer))
+            self._group_pairs[(version, layer)] = counts if acc is None else acc + counts
         request_id = next(self._request_ids)
         rows, payloads = [], []
         for g in np.unique(group).tolist():  # groups no token chose get no call
@@ -233,10 +281,10 @@ class RemoteExperts(ExpertBackend):
             g_rows = np.flatnonzero(mine.any(axis=1))  # [T_g]
             every = len(g_rows) == len(ids)  # common in decode: then no row gathers at all
             sel = slice(None) if every else g_rows  # a slice selects by view, an index array copies
-            req = pb.ForwardRequest(layer=layer, request_id=request_id, placement_version=self.placement.version)
+            req = pb.ForwardRequest(layer=layer, request_id=request_id, placement_version=version)
             array_to_proto(x_np[sel], x_dtype, req.hidden_states)
-            local_ids = np.where(mine[sel], slot[sel], -1).astype(self._id_dtype)
-            array_to_proto(local_ids, self._id_name, req.local_ids)
+            local_ids = np.where(mine[sel], slot[sel], -1).astype(table.id_dtype)
+            array_to_proto(local_ids, table.id_dtype.name, req.local_ids)
             array_to_proto(weights[sel], "float32", req.topk_weights)
             payload = req.SerializeToString()
             largest = max(len(payload), len(g_rows) * x.shape[1] * 4)  # the reply is [T_g, H] fp32

@@ -6,8 +6,11 @@ computed on the grpc.aio loop thread as it arrives: no hop to a worker thread an
 running app took each layer's round trip two thread wake-ups on busy cores (BENCHMARKS.md). Ping and
 Info wait for it, so a server should have the loop to itself. A unary Forward (tools, one-off calls)
 runs on a worker thread and leaves the loop free meanwhile. Bad requests are INVALID_ARGUMENT with a
-message naming the field; a stale placement is FAILED_PRECONDITION: a unary Forward fails with that
-status, a ForwardStream message gets a reply carrying it (`error_code`, `error`) and the stream goes on.
+message naming the field. A server may hold several placement versions (during a rebalance: the
+one in force and the next, `add_version`, until every attention replica moved, `retire`); a
+request names the version it was split by, and one the server does not hold is
+FAILED_PRECONDITION: a unary Forward fails with that status, a ForwardStream message gets a reply
+carrying it (`error_code`, `error`) and the stream goes on.
 With a DispatchAuth (experts/auth.py), every call must carry the cluster secret (else UNAUTHENTICATED,
 before any handler runs) and, with TLS configured, the port speaks TLS only.
 Legend: T_g tokens sent to this group, K top-k, H hidden, E_g experts held.
@@ -44,25 +47,18 @@ class StalePlacement(ValueError):
 
 
 class ExpertServer:
-    """Serves `layers` (MoE layer -> this group's ExpertWeights, the same experts in every layer);
+    """Serves `layers` (MoE layer -> this group's ExpertWeights, the same experts in every layer) as
+    placement version `placement_version`;
     `auth`: the cluster secret calls must carry and TLS for the port (None: neither);
     `load_window_s`: the look-back window of `load` (busy fraction, tokens per second);
     `num_threads`: torch's threads on the threads that compute (None: leave torch's setting)."""
 
     def __init__(self, layers: dict[int, ExpertWeights], group: int, *, placement_version: int = 0,
                  auth: DispatchAuth | None = None, load_window_s: float = 10.0, num_threads: int | None = None):
-        if not layers:
-            raise ValueError(f"expert group {group}: no layers to serve")
-        first = next(iter(layers.values()))
-        for layer, w in layers.items():
-            if w.expert_ids != first.expert_ids or w.w13.dtype != first.w13.dtype or w.w13.shape != first.w13.shape:
-                raise ValueError(f"expert group {group}: layer {layer} holds experts {w.expert_ids} "
-                                 f"{w.w13.dtype} {list(w.w13.shape)}, layer {next(iter(layers))} holds "
-                                 f"{first.expert_ids} {first.w13.dtype} {list(first.w13.shape)}; all must match")
-        self.layers = layers
         self.group = group
-        self.placement_version = placement_version
-        self.expert_ids = list(first.expert_ids)
+        first = _check_layers(layers, group)
+        self.versions: dict[int, dict[int, ExpertWeights]] = {placement_version: layers}  # replaced, never mutated
+        self._rebalanced = False  # once a version was added, a request's 0 means version 0, never "unchecked"
         self.dtype = first.w13.dtype
         self.hidden_size = first.w13.shape[2]
         self.auth = auth or DispatchAuth()
@@ -78,8 +74,50 @@ class ExpertServer:
         self._server: grpc.aio.Server | None = None
         self.address: str | None = None  # "host:port" once started
 
+    @property
+    def placement_version(self) -> int:
+        """The newest version held."""
+        return max(self.versions)
+
+    @property
+    def layers(self) -> dict[int, ExpertWeights]:
+        return self.versions[self.placement_version]
+
+    @property
+    def expert_ids(self) -> list[int]:
+        return list(next(iter(self.layers.values())).expert_ids)
+
     def numel(self) -> int:
-        return sum(w.numel() for w in self.layers.values())
+        """Parameters held, every version counted (a copy shared by two versions once)."""
+        seen, total = set(), 0
+        for layers in self.versions.values():
+            for w in layers.values():
+                for t in (w.w13, w.w2):
+                    if t.data_ptr() not in seen:
+                        seen.add(t.data_ptr())
+                        total += t.numel()
+        return total
+
+    def add_version(self, version: int, layers: dict[int, ExpertWeights]) -> None:
+        """Serve `layers` for requests split by placement `version` too (the versions held so far stay)."""
+        first = _check_layers(layers, self.group)
+        if (first.w13.dtype, first.w13.shape[2]) != (self.dtype, self.hidden_size) or set(layers) != set(self.layers):
+            raise ValueError(f"expert group {self.group}: version {version} holds layers {sorted(layers)} "
+                             f"{first.w13.dtype} hidden {first.w13.shape[2]}, the server {sorted(self.layers)} "
+                             f"{self.dtype} hidden {self.hidden_size}")
+        self.versions = {**self.versions, version: layers}
+        self._rebalanced = True
+
+    def retire(self, keep: set[int]) -> list[int]:
+        """Drop every version not in `keep` (unless that would leave none: then the newest stays);
+        returns the versions dropped."""
+        kept = {v: w for v, w in self.versions.items() if v in keep}
+        if not kept:
+            kept = {self.placement_version: self.layers}
+        dropped = [v for v in self.versions if v not in kept]
+        if dropped:
+            self.versions = kept
+        return dropped
 
     # -- the computation, callable without gRPC ------------------------------------------------
 
@@ -90,11 +128,16 @@ class ExpertServer:
             req = pb.ForwardRequest.FromString(request)
         except DecodeError as e:
             raise BadRequest(f"expert group {self.group}: request is not a ForwardRequest ({e})") from None
-        if req.placement_version and self.placement_version and req.placement_version != self.placement_version:
-            raise StalePlacement(f"expert group {self.group} serves placement version {self.placement_version}, "
-                                 f"the request was split with version {req.placement_version}; refresh the placement")
-        hidden_states, local_ids, topk_weights = self._check(req)
-        held = self.layers[req.layer]
+        versions = self.versions
+        layers = versions.get(req.placement_version)
+        if layers is None and req.placement_version == 0 and not self._rebalanced:
+            layers = next(iter(versions.values()))  # unchecked
+        if layers is None:
+            held = ", ".join(map(str, sorted(versions)))
+            raise StalePlacement(f"expert group {self.group} serves placement version {held}, the request was "
+                                 f"split with version {req.placement_version}; refresh the placement")
+        hidden_states, local_ids, topk_weights = self._check(req, layers)
+        held = layers[req.layer]
         partial = grouped_swiglu(hidden_states, local_ids.long(), topk_weights, held.w13, held.w2)  # [T_g, H] fp32
         reply = pb.ForwardReply(request_id=req.request_id)
         tensor_to_proto(partial, reply.partial)
@@ -102,10 +145,11 @@ class ExpertServer:
         self.load.record(reply.compute_s, hidden_states.shape[0])
         return reply.SerializeToString()
 
-    def _check(self, req: pb.ForwardRequest) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _check(self, req: pb.ForwardRequest, layers: dict[int, ExpertWeights]
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         where = f"expert group {self.group}, layer {req.layer}"
-        if req.layer not in self.layers:
-            raise BadRequest(f"{where}: layer {req.layer} is not served here (MoE layers held: {sorted(self.layers)})")
+        if req.layer not in layers:
+            raise BadRequest(f"{where}: layer {req.layer} is not served here (MoE layers held: {sorted(layers)})")
         try:
             hidden_states = tensor_from_proto(req.hidden_states, what=f"{where}: hidden_states")
             local_ids = tensor_from_proto(req.local_ids, what=f"{where}: local_ids")
@@ -125,9 +169,10 @@ class ExpertServer:
         if topk_weights.shape != local_ids.shape or topk_weights.dtype != torch.float32:
             raise BadRequest(f"{where}: topk_weights is {dtype_name(topk_weights.dtype)} "
                              f"{list(topk_weights.shape)}, expected float32 {list(local_ids.shape)}")
-        if local_ids.numel() and not (-1 <= int(local_ids.min()) and int(local_ids.max()) < len(self.expert_ids)):
+        held = len(layers[req.layer].expert_ids)
+        if local_ids.numel() and not (-1 <= int(local_ids.min()) and int(local_ids.max()) < held):
             raise BadRequest(f"{where}: local_ids range {int(local_ids.min())}..{int(local_ids.max())}, "
-                             f"expected -1..{len(self.expert_ids) - 1} ({len(self.expert_ids)} experts held)")
+                             f"expected -1..{held - 1} ({held} experts held)")
         return hidden_states, local_ids, topk_weights
 
     # -- gRPC ----------------------------------------------------------------------------------
@@ -217,6 +262,19 @@ class ExpertServer:
             await self._server.stop(None)
             self._server = None
         self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+def _check_layers(layers: dict[int, ExpertWeights], group: int) -> ExpertWeights:
+    """The first layer's weights, once every layer holds the same experts in the same dtype and shape."""
+    if not layers:
+        raise ValueError(f"expert group {group}: no layers to serve")
+    first = next(iter(layers.values()))
+    for layer, w in layers.items():
+        if w.expert_ids != first.expert_ids or w.w13.dtype != first.w13.dtype or w.w13.shape != first.w13.shape:
+            raise ValueError(f"expert group {group}: layer {layer} holds experts {w.expert_ids} "
+                             f"{w.w13.dtype} {list(w.w13.shape)}, layer {next(iter(layers))} holds "
+                             f"{first.expert_ids} {first.w13.dtype} {list(first.w13.shape)}; all must match")
+    return first
 
 
 def _set_torch_threads(num_threads: int | None) -> None:

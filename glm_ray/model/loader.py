@@ -212,6 +212,36 @@ def load_weights(
     return LoadedWeights(out, experts, mtp, reader.read)
 
 
+class ExpertReader:
+    """One routed expert of one MoE layer at a time, straight from the checkpoint into given
+    tensors: for a serving replica building new slots (experts/slots.py), which must not spend
+    the Python time of `load_weights`' whole-checkpoint plan while it serves."""
+
+    def __init__(self, model_dir: str | Path, config: ModelConfig, dtype: str | torch.dtype = "auto"):
+        self.model_dir, self.config = Path(model_dir), config
+        self.dtype = resolve_dtype(dtype, config)
+        self.reader = _Reader(self.model_dir)
+
+    def read_into(self, layer: int, expert: int, w13: torch.Tensor, w2: torch.Tensor) -> None:
+        """w13 [2I, H] <- gate rows then up rows; w2 [H, I] <- down."""
+        c = self.config
+        if layer not in c.moe_layers or not 0 <= expert < c.n_routed_experts:
+            raise ValueError(f"no routed expert {expert} in layer {layer} (MoE layers {list(c.moe_layers)}, "
+                             f"{c.n_routed_experts} experts)")
+        i = c.moe_intermediate_size
+        p = f"model.layers.{layer}.mlp.experts.{expert}."
+        for part, out, want in (("gate", w13[:i], (i, c.hidden_size)), ("up", w13[i:], (i, c.hidden_size)),
+                                ("down", w2, (c.hidden_size, i))):
+            name = p + f"{part}_proj.weight"
+            if name not in self.reader.file_of:
+                raise CheckpointError(f"{self.model_dir}: missing tensor '{name}'")
+            tensor = self.reader.get(name)
+            if tuple(tensor.shape) != want:
+                raise CheckpointError(f"{self.model_dir / self.reader.file_of[name]}: tensor '{name}' has shape "
+                                      f"{list(tensor.shape)}, expected {list(want)}")
+            out.copy_(tensor)
+
+
 def load_model(model_dir: str | Path, *, dtype: str | torch.dtype = "auto", progress: bool | None = None,
                with_experts: bool = True):
     """(Glm4MoeModel, LocalExperts or None, ModelConfig). `with_experts=False` reads no routed-expert

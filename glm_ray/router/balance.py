@@ -2,8 +2,9 @@
 
 Balancedness of a set of loads is mean / max (vLLM's definition per rank): 1.0 when every group
 does the same work, 1/G when one of G groups does it all. Per MoE layer it is taken over the
-tokens each group computed for that layer in the router's window (a group's tokens: those routed
-to the experts it holds); a layer's slowest group sets the step's pace, so the minimum over layers
+(token, expert) pairs each group computed for that layer in the router's window, under the
+placement in force (with redundant experts, as attention replicas split them over the copies);
+a layer's slowest group sets the step's pace, so the minimum over layers
 is the figure to watch. Over the replicas of one group it is taken over each replica's tokens/s.
 """
 
@@ -24,23 +25,22 @@ def group_tokens(per_expert: Sequence[int], groups: Sequence[Sequence[int]]) -> 
     return [sum(per_expert[e] for e in experts) for experts in groups]
 
 
-def layer_balancedness(tokens_per_expert: Mapping[str, Sequence[int]],
-                       groups: Sequence[Sequence[int]]) -> dict[str, float]:
+def layer_balancedness(group_tokens_by_layer: Mapping[str, Sequence[float]]) -> dict[str, float]:
     """{layer: balancedness over groups} for every layer that routed any token."""
     out = {}
-    for layer, per_expert in tokens_per_expert.items():
-        b = balancedness(group_tokens(per_expert, groups))
+    for layer, per_group in group_tokens_by_layer.items():
+        b = balancedness(per_group)
         if b is not None:
             out[layer] = b
     return out
 
 
-def summarize(tokens_per_expert: Mapping[str, Sequence[int]], groups: Sequence[Sequence[int]],
+def summarize(group_tokens_by_layer: Mapping[str, Sequence[float]],
               replica_tokens_per_s: Mapping[str, Sequence[float]]) -> dict:
     """What `/v1/experts`, `/metrics` and `glm-ray status` show: per layer, its minimum and mean
     over layers (None before any token was routed), and per group over its replicas (only groups
     with two or more replicas and some load)."""
-    layers = layer_balancedness(tokens_per_expert, groups)
+    layers = layer_balancedness(group_tokens_by_layer)
     replicas = {}
     for group, rates in replica_tokens_per_s.items():
         b = balancedness(rates) if len(rates) > 1 else None

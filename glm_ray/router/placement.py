@@ -1,20 +1,23 @@
-"""Which expert group holds each routed expert, and at which slot.
+"""Which expert groups hold each routed expert, and at which slot.
 
 A group holds its experts in ascending id order, the order `load_weights(expert_ids=...)` stacks
 them in, so an expert's slot is its rank within its group and never needs to be sent separately.
-Every expert lives in exactly one group (no redundant copies yet). `version` lets replicas and
-callers tell a stale table from the current one.
+An expert may be held by several groups (redundant copies, issue 20: a hot expert's tokens are
+then spread over its copies, `spread`), at most once per group; every expert is held at least
+once. `version` tells a stale table from the current one: a rebalance publishes a new version.
+Legend: E experts, G groups, T tokens, K top-k.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 
+import numpy as np
 import torch
 
 
 class Placement:
-    def __init__(self, groups: Sequence[Iterable[int]], version: int = 0):
+    def __init__(self, groups: Sequence[Iterable[int]], version: int = 0, num_experts: int | None = None):
         if version < 0:
             raise ValueError(f"placement version must be >= 0, got {version}")
         groups = [sorted(int(e) for e in g) for g in groups]
@@ -23,24 +26,30 @@ class Placement:
         empty = [g for g, ids in enumerate(groups) if not ids]
         if empty:
             raise ValueError(f"expert groups {empty} hold no experts; every group must hold at least one")
-        num_experts = sum(len(ids) for ids in groups)
-        group_of = torch.full((num_experts,), -1, dtype=torch.long)
-        slot_of = torch.full((num_experts,), -1, dtype=torch.long)
+        if num_experts is None:
+            num_experts = len({e for ids in groups for e in ids})
+        slot_in = torch.full((num_experts, len(groups)), -1, dtype=torch.long)  # [E, G]
         for g, ids in enumerate(groups):
             for slot, e in enumerate(ids):
                 if not 0 <= e < num_experts:
                     raise ValueError(f"expert {e} in group {g} is out of range: {num_experts} experts in all "
                                      f"means ids 0..{num_experts - 1}")
-                if group_of[e] >= 0:
-                    where = "twice in group" if group_of[e] == g else f"in groups {int(group_of[e])} and"
-                    raise ValueError(f"expert {e} is placed {where} {g}; each expert must be in exactly one group")
-                group_of[e], slot_of[e] = g, slot
-        # no gaps: num_experts distinct ids in 0..num_experts-1 cover the range
+                if slot_in[e, g] >= 0:
+                    raise ValueError(f"expert {e} is placed twice in group {g}; a group holds an expert at most once")
+                slot_in[e, g] = slot
+        copies = (slot_in >= 0).sum(dim=1)  # [E]
+        missing = torch.nonzero(copies == 0).flatten().tolist()
+        if missing:
+            raise ValueError(f"experts {missing[:10]}{' ...' if len(missing) > 10 else ''} are in no group; "
+                             f"every one of the {num_experts} experts must be held by at least one group")
         self.groups: tuple[tuple[int, ...], ...] = tuple(tuple(ids) for ids in groups)
         self.version = int(version)
         self.num_experts = num_experts
-        self.group_of = group_of  # [E] expert -> group
-        self.slot_of = slot_of  # [E] expert -> slot within its group
+        self.slot_in = slot_in  # [E, G] slot of expert e in group g, -1 where g does not hold it
+        self.copies = copies  # [E] groups holding each expert
+        # the first group holding each expert, and the slot there: the whole table when nothing is copied
+        self.group_of = torch.argmax((slot_in >= 0).int(), dim=1)  # [E]
+        self.slot_of = slot_in.gather(1, self.group_of[:, None]).squeeze(1)  # [E]
 
     @classmethod
     def contiguous(cls, num_experts: int, num_groups: int, version: int = 0) -> Placement:
@@ -61,6 +70,11 @@ class Placement:
     @property
     def num_groups(self) -> int:
         return len(self.groups)
+
+    @property
+    def redundant(self) -> bool:
+        """Whether any expert has more than one copy."""
+        return bool((self.copies > 1).any())
 
     def experts_of(self, group: int) -> list[int]:
         """Global expert ids held by `group`, in slot order."""
@@ -87,4 +101,80 @@ class Placement:
 
     def __repr__(self) -> str:
         sizes = [len(ids) for ids in self.groups]
-        return f"Placement(num_experts={self.num_experts}, group_sizes={sizes}, version={self.version})"
+        return (f"Placement(num_experts={self.num_experts}, group_sizes={sizes}, "
+                f"copies={int(self.copies.sum())}, version={self.version})")
+
+
+class Spreader:
+    """Sends each (token, expert) pair of a batch to one group holding the expert. An expert with
+    one copy has no choice; the pairs of a copied expert are shared among its copies so as to even
+    out the groups' pair counts for this batch: each copied expert's pairs are water-filled over its
+    holders, on top of what the single-copy experts put there (experts with the fewest holders
+    first, then the hottest), then each is filled again against the others' final split (within one
+    pair of the best split on the cases tests/unit/test_placement.py solves). Deterministic: the same batch and
+    table give the same split, and pairs go to copies in token order. numpy, on the caller's thread.
+    """
+
+    def __init__(self, placement: Placement):
+        self.num_groups = placement.num_groups
+        self.group_of = placement.group_of.numpy()  # [E]
+        self.slot_of = placement.slot_of.numpy()  # [E]
+        self.slot_in = placement.slot_in.numpy()  # [E, G]
+        self.copied = placement.copies.numpy() > 1  # [E]
+        self.any_copied = bool(self.copied.any())
+        self.holders = [np.flatnonzero(row >= 0) for row in self.slot_in]  # per expert, its groups ascending
+
+    def __call__(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """ids [T, K] global expert ids -> (group [T, K], slot within that group [T, K])."""
+        group, slot = self.group_of[ids], self.slot_of[ids]
+        if not self.any_copied:
+            return group, slot
+        flat = ids.reshape(-1)
+        copied = self.copied[flat]
+        if not copied.any():
+            return group, slot
+        group, slot = group.reshape(-1).copy(), slot.reshape(-1).copy()
+        load = np.bincount(group[~copied], minlength=self.num_groups).astype(np.float64)  # [G]
+        experts, counts = np.unique(flat[copied], return_counts=True)
+        copies = np.array([len(self.holders[e]) for e in experts])
+        order = np.lexsort((experts, -counts, copies))  # fewest holders first, then hottest, then by id
+        shares = {}
+        for i in order:
+            e = int(experts[i])
+            shares[e] = water_fill(load[self.holders[e]], int(counts[i]))
+            load[self.holders[e]] += shares[e]
+        for i in order:  # one more pass: each expert re-split against what the others ended with
+            e = int(experts[i])
+            load[self.holders[e]] -= shares[e]
+            shares[e] = water_fill(load[self.holders[e]], int(counts[i]))
+            load[self.holders[e]] += shares[e]
+        for e, share in shares.items():
+            pairs = np.flatnonzero(flat == e)  # in token order
+            to = np.repeat(self.holders[e], share)
+            group[pairs], slot[pairs] = to, self.slot_in[e, to]
+        return group.reshape(ids.shape), slot.reshape(ids.shape)
+
+
+def water_fill(load: np.ndarray, n: int) -> np.ndarray:
+    """n items over bins that already hold `load`: how many each bin gets, so that the fullest bin
+    ends as low as it can (integers summing to n; the remainder goes to the emptiest bins, ties by
+    position)."""
+    order = np.argsort(load, kind="stable")
+    sorted_load = load[order].astype(np.float64)
+    level, k = sorted_load[0] + n, 1
+    # raise the water over the k emptiest bins until the next bin is above it
+    while k < len(load):
+        level = (sorted_load[:k].sum() + n) / k
+        if level <= sorted_load[k]:
+            break
+        k += 1
+    else:
+        level = (sorted_load.sum() + n) / len(load)
+    take = np.zeros(len(load), dtype=np.int64)
+    base = np.floor(np.maximum(level - sorted_load[:k], 0)).astype(np.int64)
+    take[:k] = base
+    for j in range(n - int(base.sum())):  # what flooring left over, emptiest first
+        take[j % k] += 1
+    out = np.zeros(len(load), dtype=np.int64)
+    out[order] = take
+    return out

@@ -38,6 +38,9 @@ def placement_for(config: ServeConfig, num_experts: int) -> Placement | None:
         if config.placement is not None:
             raise ValueError("placement is set but expert_groups is 0 (colocated: every attention replica holds "
                              "every routed expert)")
+        if config.redundant_experts:
+            raise ValueError("redundant_experts is set but expert_groups is 0 (colocated: there are no groups "
+                             "to hold copies)")
         return None
     if config.placement is not None:
         placement = Placement(config.placement)
@@ -61,7 +64,9 @@ def build_app(config: ServeConfig | dict) -> Application:
     auth = dispatch_auth(cfg)  # one secret for every deployment of this app
 
     router = ExpertRouter.options(ray_actor_options=cfg.router_resources.ray_actor_options(), **shutdown).bind(
-        placement.to_dict() if placement else {"version": 0, "groups": []}, cfg.expert_groups, cfg.heartbeat_ttl_s)
+        placement.to_dict() if placement else {"version": 0, "groups": []}, cfg.expert_groups, cfg.heartbeat_ttl_s,
+        redundant_experts=cfg.redundant_experts, rebalance_threshold=cfg.effective_rebalance_threshold(),
+        rebalance_interval_s=cfg.rebalance_interval_s, rebalance_timeout_s=cfg.rebalance_timeout_s)
     # an expert replica's drain (leave the table, serve until attention replicas re-read it, finish
     # what is computing) must fit in Serve's force-kill deadline
     drain_wait_s, stop_grace_s = cfg.expert_drain_wait_s(), 2.0

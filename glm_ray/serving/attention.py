@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import os
+import statistics
 import threading
 import time
 import uuid
@@ -53,10 +54,18 @@ class RoutingCounter(ExpertBackend):
     def forward(self, layer, hidden_states, topk_ids, topk_weights):
         return self.submit(layer, hidden_states, topk_ids, topk_weights).result()
 
+    def begin_step(self) -> None:
+        self.inner.begin_step()
+
     def take_counts(self) -> dict[int, list[int]]:
         with self._lock:
             counts, self._counts = self._counts, {}
         return {layer: c.tolist() for layer, c in counts.items()}
+
+    def take_report(self) -> tuple[dict, dict]:
+        """(tokens per expert, pairs per group by placement version) since the last report."""
+        pairs = self.inner.take_group_pairs() if isinstance(self.inner, RemoteExperts) else {}
+        return self.take_counts(), pairs
 
 
 class RouterSnapshots:
@@ -67,6 +76,9 @@ class RouterSnapshots:
     def __init__(self, router, refresh_s: float, report=None, load=None, replica_id: str = ""):
         self.router, self.refresh_s, self.report = router, refresh_s, report
         self.load, self.replica_id = load, replica_id
+        self.on_placement = None  # called with each placement dict the router publishes
+        self.placement: dict | None = None
+        self.read_once = threading.Event()  # set once a snapshot was read
         self.address: str | None = None  # this replica's channel, advertised with each load report
         self._current = Snapshot(-1, {})
         self._wake = threading.Event()
@@ -87,12 +99,17 @@ class RouterSnapshots:
     def _run(self):
         while not self._stop.is_set():
             try:
-                snap = Snapshot.from_dict(self.router.snapshot.remote().result(timeout_s=5))
+                raw = self.router.snapshot.remote().result(timeout_s=5)
+                snap = Snapshot.from_dict(raw)
                 if snap.version != self._current.version or snap.replicas != self._current.replicas:
                     self._current = snap
-                counts = self.report() if self.report else None
-                if counts:
-                    self.router.report_routing.remote(counts)
+                self.placement = raw.get("placement")
+                self.read_once.set()
+                if self.on_placement is not None and self.placement:
+                    self.on_placement(self.placement)
+                counts, pairs = self.report() if self.report else ({}, {})
+                if counts or pairs:
+                    self.router.report_routing.remote(counts, pairs)
                 if self.load is not None:
                     self.router.report_attention.remote(self.replica_id, self.load(), self.address)
             except Exception as e:
@@ -103,6 +120,16 @@ class RouterSnapshots:
     def close(self):
         self._stop.set()
         self._wake.set()
+
+
+def _recent(step_times, after: float) -> list[tuple[float, float]]:
+    """The (end, seconds) of steps that ended after `after`; the engine thread appends meanwhile."""
+    for _ in range(5):
+        try:
+            return [t for t in list(step_times) if t[0] > after]
+        except RuntimeError:  # "deque mutated during iteration"
+            continue
+    return []
 
 
 @serve.deployment(max_ongoing_requests=256, graceful_shutdown_wait_loop_s=0.1)
@@ -136,12 +163,16 @@ class AttentionReplica:
             num_experts = load_model_config(model_dir).n_routed_experts
         else:
             engine_threads = 1
-            table = Placement.from_dict(placement)
+            # the version in force, which a rebalance may have moved on from the one the app was built with
+            self.snapshots.read_once.wait(30)
+            current = self.snapshots.placement
+            table = Placement.from_dict(current if current and current.get("groups") else placement)
             self.experts = RemoteExperts(table, self.snapshots, policy=PowerOfTwoChoices(),
                                          unavailable_wait_s=expert_wait_s, auth=auth)
             workers, num_experts = num_threads, table.num_experts
+            self.snapshots.on_placement = self._placement_published
         self.counter = RoutingCounter(self.experts, num_experts)
-        self.snapshots.report = self.counter.take_counts
+        self.snapshots.report = self.counter.take_report
         self.engine = AsyncLLMEngine(model_dir, EngineOptions(**{**engine_options, "attention_workers": workers}),
                                      experts=self.counter, num_threads=engine_threads)
         self.channel = AttentionChannelServer(self.engine, auth)
@@ -185,12 +216,36 @@ class AttentionReplica:
             engine[k] = type(engine[k])()
         return out
 
+    def _placement_published(self, placement: dict) -> None:
+        """The router's placement in force: the engine switches to it at its next step."""
+        experts = self.experts
+        if placement["version"] not in (experts.placement.version, getattr(self, "_next_version", None)):
+            log.info("placement version %d published: switching from version %d at the next step",
+                     placement["version"], experts.placement.version)
+            experts.set_placement(Placement.from_dict(placement))
+            self._next_version = placement["version"]
+
+    def step_times(self) -> list[tuple[float, float]]:
+        """(monotonic end, seconds) of the engine's recent steps (the last 8192), for benchmarks."""
+        return _recent(self.engine.engine.step_times, float("-inf"))
+
     def load(self) -> dict:
-        """Demand on this replica: sequences running + waiting, and the KV cache's use (0..1)."""
+        """Demand on this replica: sequences running + waiting, and the KV cache's use (0..1); the
+        placement version its steps use; its engine steps' longest time since the last report and
+        median over the last minute."""
         s = self.engine.engine.scheduler.stats()
         used = s.num_used_blocks
-        return {"sequences": float(s.num_running + s.num_waiting), "running": float(s.num_running),
-                "waiting": float(s.num_waiting), "kv_usage": used / max(1, used + s.num_free_blocks)}
+        out = {"sequences": float(s.num_running + s.num_waiting), "running": float(s.num_running),
+               "waiting": float(s.num_waiting), "kv_usage": used / max(1, used + s.num_free_blocks)}
+        if isinstance(self.experts, RemoteExperts):
+            out["placement_version"] = self.experts.placement.version
+        now, since = time.monotonic(), getattr(self, "_last_load", 0.0)
+        self._last_load = now
+        times = _recent(self.engine.engine.step_times, now - 60.0)
+        if times:
+            out["step_max_s"] = max((s for end, s in times if end > since), default=0.0)
+            out["step_median_s"] = statistics.median(s for _, s in times)
+        return out
 
     def record_autoscaling_stats(self) -> dict:
         """Serve's custom autoscaling metrics (glm_ray/serving/autoscaling.py reads them)."""

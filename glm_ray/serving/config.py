@@ -71,6 +71,16 @@ class ServeConfig(BaseModel):
                                      "takes no new requests and has this long to finish its generations; what is "
                                      "still running then fails with a retryable 503 / UNAVAILABLE")
     placement: list[list[int]] | None = Field(None, description="expert ids per group; default contiguous ranges")
+    redundant_experts: int = Field(0, ge=0, description="R: spare expert slots per group, filled by rebalancing "
+                                   "with copies of the hottest experts (their tokens are then split over the "
+                                   "copies); 0: no copies (a rebalance can still move experts between groups)")
+    rebalance_threshold: float | None = Field(None, ge=0, le=1, description="rebalance when the routing window's "
+                                              "balancedness (min over MoE layers) falls below this; None: 0.8 with "
+                                              "redundant_experts, else off; 0: off (POST /v1/experts/rebalance "
+                                              "still works)")
+    rebalance_interval_s: float = Field(60.0, gt=0, description="how often the router checks the threshold")
+    rebalance_timeout_s: float = Field(600.0, gt=0, description="a new placement version not loaded by every "
+                                       "expert replica within this long is abandoned (the old one stays in force)")
     dtype: Literal["auto", "float32", "bfloat16"] = Field("auto", description="compute dtype")
 
     host: str = Field("127.0.0.1", description="HTTP bind address")
@@ -165,6 +175,11 @@ class ServeConfig(BaseModel):
         if self.expert_groups == 0 and not self.torch_threads and self.attention_resources.num_cpus < 1:
             return None
         return self.threads_for(self.attention_resources)
+
+    def effective_rebalance_threshold(self) -> float:
+        if self.rebalance_threshold is not None:
+            return self.rebalance_threshold
+        return 0.8 if self.redundant_experts else 0.0
 
     def replicas_of_group(self, group: int) -> int:
         if isinstance(self.expert_replicas, int):

@@ -6,6 +6,15 @@ heartbeats its load (busy fraction and tokens per second over `look_back_s`, als
 metrics). `dispatch_auth` (DispatchAuth.to_dict()'s shape) sets the cluster secret calls must
 carry and TLS for the port.
 
+Placement versions (router/rebalance.py): a replica starts with the version in force, as the router
+says (so a replica started after a rebalance holds the current slots). With each heartbeat it
+syncs: when the router names a version it does not hold, it builds that version's slots while it
+goes on serving, then serves both; versions the router no longer lists are freed. The new stacks
+are filled one expert at a time (copied from what it holds, or read from the checkpoint) on the
+gRPC loop thread, between the requests it computes there, and paced (experts/slots.py): a builder
+thread of its own contends with that thread for the GIL and the cores for the whole build, which
+measured slower steps (BENCHMARKS.md).
+
 Scale-down loses nothing: Serve sees none of the gRPC traffic, so the replica drains itself when
 Serve shuts it down (`__del__`): it leaves the routing table, keeps serving for `drain_wait_s`
 while attention replicas may still hold a table that lists it (they re-read it every
@@ -17,7 +26,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
+import time
 
 import ray
 import torch
@@ -29,10 +40,12 @@ from glm_ray.experts.auth import DispatchAuth
 from glm_ray.experts.drain import drain
 from glm_ray.experts.remote import EventLoopThread
 from glm_ray.experts.server import ExpertServer
-from glm_ray.model.loader import load_weights
+from glm_ray.experts.slots import LayerBuild, missing
+from glm_ray.model.loader import ExpertReader, load_weights
 from glm_ray.serving.autoscaling import BUSY, TOKENS
 
 log = logging.getLogger("glm_ray.expert_group")
+BUILD_PACE = 4.0  # after each expert copied on the gRPC loop, leave it this many times as long to requests
 
 
 @serve.deployment(max_ongoing_requests=100, graceful_shutdown_wait_loop_s=0.1)
@@ -49,13 +62,18 @@ class ExpertGroup:
         self.group, self.expert_ids, self.router = group, list(expert_ids), router
         self.heartbeat_interval_s, self.look_back_s = heartbeat_interval_s, look_back_s
         self.drain_wait_s, self.stop_grace_s = drain_wait_s, stop_grace_s
-        config = load_model_config(model_dir)
+        self.model_dir, self.dtype = model_dir, dtype
+        self.config = config = load_model_config(model_dir)
+        in_force = await self.router.placement_in_force.remote(group)  # a rebalance may have moved the slots
+        self.expert_ids = list(in_force["expert_ids"])
         weights = await asyncio.to_thread(load_weights, model_dir, config, dtype=dtype, dense=False,
                                           expert_ids=self.expert_ids)
-        self.num_params = sum(w.numel() for w in weights.experts.values())  # resident routed-expert parameters
         self.read_names = weights.read_names
-        self.server = ExpertServer(weights.experts, group, auth=auth, load_window_s=look_back_s,
-                                   num_threads=num_threads)
+        self.server = ExpertServer(weights.experts, group, placement_version=in_force["version"], auth=auth,
+                                   load_window_s=look_back_s, num_threads=num_threads)
+        self._building: asyncio.Task | None = None  # a version's slots being built
+        self._failure: dict | None = None  # the last version that could not be built, told to the router once
+        self._built: dict | None = None  # the last version built and its seconds, told to the router once
         self.io = EventLoopThread(f"expert-group-{group}-grpc")
         address = self.io.run(self.server.start(bind_host, 0))
         if bind_host in ("0.0.0.0", "::"):
@@ -67,6 +85,11 @@ class ExpertGroup:
         self._stopping = False
         self._heartbeats = asyncio.get_running_loop().create_task(self._heartbeat())
 
+    @property
+    def num_params(self) -> int:
+        """Resident routed-expert parameters (every version held)."""
+        return self.server.numel()
+
     async def _heartbeat(self):
         while not self._stopping:
             try:
@@ -74,13 +97,60 @@ class ExpertGroup:
                 known = await self.router.heartbeat.remote(self.address, self.server.in_flight, busy, tokens)
                 if not known and not self._stopping:  # expired while we were slow: come back
                     await self.router.register.remote(self.group, self.address, self.replica_id)
+                await self._sync_placement()
             except Exception as e:  # the router restarting must not kill the replica
                 log.warning("heartbeat to the router failed: %r", e)
             await asyncio.sleep(self.heartbeat_interval_s)
 
+    async def _sync_placement(self):
+        failure, self._failure = self._failure, None
+        built, self._built = self._built, None
+        sync = await self.router.placement_sync.remote(self.group, self.address, sorted(self.server.versions),
+                                                       failure, built)
+        target = sync["target"]
+        building = self._building is not None and not self._building.done()
+        if target["version"] not in self.server.versions and not building:
+            self._building = asyncio.get_running_loop().create_task(self._build(target["version"],
+                                                                                target["expert_ids"]))
+        dropped = self.server.retire(set(sync["keep"]))
+        if dropped:
+            log.info("expert group %d: placement versions %s retired", self.group, dropped)
+
+    async def _build(self, version: int, expert_ids: list[int]):
+        """Builds `version`'s slots beside the ones served (on a worker thread), then serves them too."""
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+
+        async def one_expert(build):
+            t0 = time.perf_counter()
+            build.step()
+            return time.perf_counter() - t0
+
+        try:
+            held = self.server.layers
+            reader = ExpertReader(self.model_dir, self.config, self.dtype) if missing(held, expert_ids) else None
+            layers, longest = {}, 0.0
+            for layer, old in held.items():  # one expert at a time, between the requests served
+                read = functools.partial(reader.read_into, layer) if reader else None
+                build = LayerBuild(old, None, expert_ids, read)
+                for _ in build.want:
+                    took = await asyncio.wrap_future(self.io.submit(one_expert(build)))
+                    longest = max(longest, took)
+                    await asyncio.sleep(BUILD_PACE * took)  # the loop spends at most 1 / (1 + BUILD_PACE) building
+                layers[layer] = build.result()
+            self.server.add_version(version, layers)
+            self.expert_ids = list(expert_ids)
+            self._built = {"version": version, "seconds": loop.time() - start, "longest_chunk_s": longest}
+            log.info("expert group %d: placement version %d built in %.1f s (experts %s)", self.group, version,
+                     self._built["seconds"], expert_ids)
+        except Exception as e:  # noqa: BLE001 - the router abandons the version; the one in force goes on
+            log.error("expert group %d: building placement version %d failed: %r", self.group, version, e)
+            self._failure = {"version": version, "error": f"{type(e).__name__}: {e}"}
+
     def info(self) -> dict:
         return {"group": self.group, "address": self.address, "expert_ids": self.expert_ids,
-                "num_params": self.num_params, "read_names": self.read_names}
+                "num_params": self.num_params, "read_names": self.read_names,
+                "placement_versions": sorted(self.server.versions)}
 
     def record_autoscaling_stats(self) -> dict:
         """Serve's custom autoscaling metrics (glm_ray/serving/autoscaling.py reads them)."""
@@ -90,6 +160,9 @@ class ExpertGroup:
     async def __del__(self):
         """Drain, then stop (see the module docstring). Runs even if __init__ failed part-way."""
         self._stopping = True
+        building = getattr(self, "_building", None)
+        if building is not None:
+            building.cancel()
         heartbeats = getattr(self, "_heartbeats", None)
         if heartbeats is not None:
             heartbeats.cancel()

@@ -1,28 +1,43 @@
-"""`ExpertRouter`: placement table, replica registry with health, routing statistics.
+"""`ExpertRouter`: placement table, replica registry with health, routing statistics, rebalancing.
 
 One replica. Attention replicas read versioned snapshots of it off the hot path; expert replicas
-register and heartbeat. Its methods are async so they run one at a time on the replica's loop.
+register, heartbeat and sync their placement versions (`placement_sync`, each heartbeat). A
+rebalance (router/rebalance.py) is started on demand (`rebalance`) or when the window's
+balancedness falls below `rebalance_threshold` (checked every `rebalance_interval_s`, on the
+calls that arrive anyway). Its methods are async so they run one at a time on the replica's loop.
 """
 
 from __future__ import annotations
 
-from collections import deque
+import logging
+import statistics
 import time
+from collections import deque
 
 from ray import serve
 
 from glm_ray.router import balance
+from glm_ray.router.eplb import group_loads
+from glm_ray.router.placement import Placement
+from glm_ray.router.rebalance import Rebalancer, RebalanceRefused
 from glm_ray.router.registry import ReplicaRegistry
+
+log = logging.getLogger("glm_ray.router")
 
 
 @serve.deployment(name="ExpertRouter", num_replicas=1, max_ongoing_requests=1000)
 class ExpertRouter:
-    def __init__(self, placement: dict, num_groups: int, ttl_s: float, stats_window_s: float = 60.0):
-        self.placement = placement
+    def __init__(self, placement: dict, num_groups: int, ttl_s: float, stats_window_s: float = 60.0, *,
+                 redundant_experts: int = 0, rebalance_threshold: float = 0.0, rebalance_interval_s: float = 60.0,
+                 rebalance_timeout_s: float = 600.0):
+        self.rebalancer = (Rebalancer(Placement.from_dict(placement), redundant_experts,
+                                      load_timeout_s=rebalance_timeout_s) if placement.get("groups") else None)
         self.registry = ReplicaRegistry(num_groups, ttl_s)
         self.ttl_s = ttl_s
         self.window_s = stats_window_s
-        self.routing: deque = deque()  # (time, {layer: [tokens per expert]})
+        self.rebalance_threshold, self.rebalance_interval_s = rebalance_threshold, rebalance_interval_s
+        self._last_check = time.monotonic()
+        self.routing: deque = deque()  # (time, {layer: [tokens per expert]}, {version: {layer: [pairs per group]}})
         self.attention: dict[str, tuple[float, dict]] = {}  # replica id -> (time, its last load report)
         self.attention_addresses: dict[str, str] = {}  # replica id -> its channel address (registered, live)
         self.attention_draining: set[str] = set()  # replica ids that left for good
@@ -38,17 +53,114 @@ class ExpertRouter:
         """Live replicas left in the address's group (0 if it was unknown)."""
         info = self.registry.replicas.get(address)
         self.registry.unregister(address)
+        if self.rebalancer is not None:
+            self.rebalancer.forget(address)
         return 0 if info is None else len(self.registry.snapshot().replicas[info.group])
+
+    @property
+    def placement(self) -> dict:
+        return self.rebalancer.current.to_dict() if self.rebalancer else {"version": 0, "groups": []}
 
     async def snapshot(self) -> dict:
         return {**self.registry.snapshot().to_dict(), "placement": self.placement}
 
-    async def report_routing(self, counts: dict) -> None:
-        """counts: {layer: [tokens routed to each expert]} since the reporter's last report."""
+    # -- placement versions --------------------------------------------------------------------
+
+    async def placement_in_force(self, group: int) -> dict:
+        """{"version", "expert_ids"} a new replica of `group` loads first."""
+        return self.rebalancer.in_force(group)
+
+    async def placement_sync(self, group: int, address: str, held: list[int], failure: dict | None = None,
+                             built: dict | None = None) -> dict:
+        """An expert replica's versions held (and a failure to build one, or the seconds it took to
+        build one) -> {"target": {"version", "expert_ids"} to hold, "keep": versions not to drop}.
+        Publishes a pending version once held."""
+        r = self.rebalancer
+        r.report(address, held, failure)
+        if built and r.last and r.last.get("version") == built.get("version"):
+            r.last.setdefault("builds", {})[address] = {k: v for k, v in built.items() if k != "version"}
+        if r.try_publish(self.registry.snapshot().replicas):
+            log.info("placement version %d published after %.1f s", r.current.version, r.last["seconds"])
+        self._maybe_rebalance()
+        return {"target": r.target(group), "keep": r.keep(self._attention_versions())}
+
+    async def rebalance(self, reason: str = "requested") -> dict:
+        """Start a rebalance now: balancedness before (measured over the window) and predicted after;
+        RebalanceRefused (a ValueError) when one is under way or nothing was routed yet."""
+        if self.rebalancer is None:
+            raise RebalanceRefused("colocated (expert_groups 0): there are no expert groups to rebalance")
+        measured = self._balancedness()
+        record = self.rebalancer.propose(self._tokens_per_expert(), reason,
+                                         {k: measured[k] for k in ("layers", "min", "mean")})
+        if record["changed"]:
+            record["steps_before"] = self._step_summary()
+            record["longest_step_s"] = 0.0
+            log.info("rebalance (%s) to placement version %d: balancedness %.3f -> %.3f predicted", reason,
+                     record["version"], record["predicted_before"]["min"], record["predicted_after"]["min"])
+        return record
+
+    def _maybe_rebalance(self) -> None:
         now = time.monotonic()
-        self.routing.append((now, counts))
+        if not self.rebalance_threshold or now - self._last_check < self.rebalance_interval_s:
+            return
+        self._last_check = now
+        measured = self._balancedness()["min"]
+        if measured is not None and measured < self.rebalance_threshold and self.rebalancer.pending is None:
+            try:
+                record = self.rebalancer.propose(self._tokens_per_expert(), f"balancedness {measured:.3f} below "
+                                                 f"{self.rebalance_threshold}", None)
+                if record["changed"]:
+                    record["steps_before"], record["longest_step_s"] = self._step_summary(), 0.0
+            except RebalanceRefused:
+                pass
+
+    def _attention_versions(self) -> list[int]:
+        return [int(load["placement_version"]) for load in self._attention_load().values()
+                if "placement_version" in load]
+
+    def _step_summary(self) -> dict:
+        medians = [load["step_median_s"] for load in self._attention_load().values() if load.get("step_median_s")]
+        return {"median_step_s": statistics.median(medians) if medians else None}
+
+    # -- routing statistics --------------------------------------------------------------------
+
+    async def report_routing(self, counts: dict, group_pairs: dict | None = None) -> None:
+        """counts: {layer: [tokens routed to each expert]} since the reporter's last report;
+        group_pairs: {placement version: {layer: [(token, expert) pairs sent to each group]}}."""
+        now = time.monotonic()
+        self.routing.append((now, counts, group_pairs or {}))
         while self.routing and now - self.routing[0][0] > self.window_s:
             self.routing.popleft()
+
+    def _tokens_per_expert(self) -> dict[str, list[int]]:
+        tokens: dict[str, list[int]] = {}
+        for _, counts, _ in self.routing:
+            for layer, per_expert in counts.items():
+                acc = tokens.setdefault(str(layer), [0] * len(per_expert))
+                for e, n in enumerate(per_expert):
+                    acc[e] += n
+        return tokens
+
+    def _group_tokens(self) -> dict[str, list[float]]:
+        """{layer: pairs each group computed} under the placement in force: as attention replicas
+        reported sending them, else (nothing reported for this version) split evenly over copies."""
+        version = str(self.placement["version"])
+        out: dict[str, list[float]] = {}
+        for _, _, pairs in self.routing:
+            for layer, per_group in (pairs.get(version) or pairs.get(int(version)) or {}).items():
+                acc = out.setdefault(str(layer), [0] * len(per_group))
+                for g, n in enumerate(per_group):
+                    acc[g] += n
+        if out or self.rebalancer is None:
+            return out
+        groups = self.placement["groups"]
+        return {layer: group_loads(groups, per_expert) for layer, per_expert in self._tokens_per_expert().items()}
+
+    def _balancedness(self) -> dict:
+        rates: dict[str, list[float]] = {}
+        for r in self.registry.replicas.values():
+            rates.setdefault(str(r.group), []).append(r.tokens_per_s)
+        return balance.summarize(self._group_tokens(), rates)
 
     async def unregister_attention(self, replica_id: str) -> None:
         """A draining attention replica: no new requests (its running ones finish)."""
@@ -61,11 +173,21 @@ class ExpertRouter:
         return {r: a for r, a in sorted(self.attention_addresses.items()) if r in live}
 
     async def report_attention(self, replica_id: str, load: dict, address: str | None = None) -> None:
-        """An attention replica's demand (sequences, KV usage), sent with each table refresh, and
-        the address of its channel while it takes requests (a restarted router learns it again)."""
+        """An attention replica's demand (sequences, KV usage), placement version and step times,
+        sent with each table refresh, and the address of its channel while it takes requests (a
+        restarted router learns it again)."""
         self.attention[replica_id] = (time.monotonic(), load)
         if address and replica_id not in self.attention_draining:
             self.attention_addresses[replica_id] = address
+        last = self.rebalancer.last if self.rebalancer else None
+        if last and last.get("changed") and not last.get("switched"):
+            # a rebalance under way: the longest engine step any attention replica took meanwhile
+            last["longest_step_s"] = max(last.get("longest_step_s") or 0.0, load.get("step_max_s") or 0.0)
+            versions = self._attention_versions()
+            if last["state"] == "published" and versions and min(versions) >= last["version"]:
+                last["switched"] = True  # every live attention replica moved: old copies can go
+            elif last["state"] == "abandoned":
+                last["switched"] = True  # nothing to switch to; stop watching
 
     def _attention_load(self) -> dict[str, dict]:
         # a silent replica (crashed, or its refresh stalled) drops out after a few refreshes' worth
@@ -76,18 +198,15 @@ class ExpertRouter:
 
     async def status(self) -> dict:
         snap = self.registry.snapshot()
-        tokens: dict[str, list[int]] = {}
-        for _, counts in self.routing:
-            for layer, per_expert in counts.items():
-                acc = tokens.setdefault(str(layer), [0] * len(per_expert))
-                for e, n in enumerate(per_expert):
-                    acc[e] += n
-        rates: dict[str, list[float]] = {}
-        for r in self.registry.replicas.values():
-            rates.setdefault(str(r.group), []).append(r.tokens_per_s)
+        group_tokens = self._group_tokens()
+        routed = {}
+        for per_group in group_tokens.values():
+            for g, n in enumerate(per_group):
+                routed[str(g)] = routed.get(str(g), 0) + n
         return {"placement": self.placement, "replicas": {str(g): a for g, a in snap.replicas.items()},
-                "balancedness": balance.summarize(tokens, (self.placement or {}).get("groups") or [], rates),
-                "load": snap.load, "version": snap.version, "tokens_per_expert": tokens,
+                "balancedness": self._balancedness(), "routed_tokens": routed, "group_tokens": group_tokens,
+                "rebalance": self.rebalancer.status() if self.rebalancer else None,
+                "load": snap.load, "version": snap.version, "tokens_per_expert": self._tokens_per_expert(),
                 "groups": {str(g): v for g, v in self.registry.group_load().items()},
                 "replica_load": {a: {"group": r.group, "in_flight": r.in_flight, "busy_fraction": r.busy_fraction,
                                      "tokens_per_s": r.tokens_per_s} for a, r in self.registry.replicas.items()},

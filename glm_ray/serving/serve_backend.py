@@ -9,7 +9,6 @@ from collections.abc import AsyncIterator
 
 from glm_ray.config import load_model_config
 from glm_ray.experts.auth import DispatchAuth
-from glm_ray.router.balance import group_tokens
 from glm_ray.engine.config import EngineLimits, EngineOptions
 from glm_ray.engine.kv_cache import kv_bytes_per_token
 from glm_ray.model.loader import resolve_dtype
@@ -65,15 +64,15 @@ class ServeBackend:
         status = await self.router.status.remote()
         return {**status, "deployments": await asyncio.to_thread(deployment_states)}
 
+    async def rebalance(self) -> dict:
+        """Start a rebalance (router/rebalance.py); a ValueError when refused."""
+        return await self.router.rebalance.remote("requested (POST /v1/experts/rebalance)")
+
     async def stats(self) -> dict:
         """What /metrics shows: demand (summed over attention replicas, and per replica), expert
         groups' replicas, load and balancedness, and every deployment's replicas by state."""
         status = await self.router.status.remote()
-        placement = status["placement"]["groups"] if "groups" in status["placement"] else []
-        routed = {}
-        for per_expert in status["tokens_per_expert"].values():
-            for g, n in enumerate(group_tokens(per_expert, placement)):
-                routed[str(g)] = routed.get(str(g), 0) + n
+        routed = status.get("routed_tokens") or {}
         attention = status.get("attention") or {}
         if not attention:  # no report yet: ask one replica
             engine = await self.attention.engine_stats.remote()
@@ -87,6 +86,7 @@ class ServeBackend:
                 "attention": {r: a for r, a in attention.items() if r},
                 "replicas": {g: len(a) for g, a in status["replicas"].items()}, "routed_tokens": routed,
                 "groups": status.get("groups") or {}, "balancedness": status.get("balancedness") or {},
+                "rebalance": status.get("rebalance"),
                 "deployments": await asyncio.to_thread(deployment_states)}
 
 

@@ -328,3 +328,64 @@ def test_a_message_over_the_limit_is_refused_before_sending(tiny_model_dir, conf
         with pytest.raises(ValueError, match="64 tokens for expert group 0 .* over the 0 MiB gRPC limit; run prefill"):
             remote.submit(1, x, ids, w)
         assert remote.stats.calls == 0
+
+
+def test_copied_experts_and_a_version_switch_equal_local(loop, tiny_model_dir, config):
+    """Version 0 without copies; version 1 copies experts 0 and 1 into both groups (the group's new
+    slots assembled from what it holds plus what it reads). Servers hold both while the caller
+    switches at a step's start; each call goes by one version, and both equal LocalExperts."""
+    from glm_ray.experts.slots import assemble
+
+    e = config.n_routed_experts
+    local = LocalExperts(load_weights(tiny_model_dir, dtype="float32", dense=False).experts)
+    old = Placement.contiguous(e, 2)
+    new = Placement([sorted({0, 1, *old.experts_of(0)}), sorted({0, 1, *old.experts_of(1)})], version=1)
+    assert new.redundant and new.copies[:2].tolist() == [2, 2]
+    servers, replicas = start_servers(loop, tiny_model_dir, old)
+    read = []
+
+    def load_missing(ids):
+        read.append(ids)
+        return load_weights(tiny_model_dir, dtype="float32", dense=False, expert_ids=ids).experts
+
+    try:
+        for g, (server,) in servers.items():
+            server.add_version(1, assemble(server.layers, new.experts_of(g), load_missing))
+            assert sorted(server.versions) == [0, 1] and server.expert_ids == new.experts_of(g)
+        assert read == [[0, 1]]  # group 1 read the two experts it gained; group 0 had them
+        g = torch.Generator().manual_seed(3)
+        x = torch.randn(40, config.hidden_size, generator=g)
+        ids = torch.stack([torch.randperm(e, generator=g)[:config.num_experts_per_tok] for _ in range(40)])
+        ids[:, 0] = torch.where(torch.arange(40) % 2 == 0, 0, 1)  # every token picks a copied expert
+        w = torch.rand(40, config.num_experts_per_tok, generator=g)
+        layer = config.moe_layers[0]
+        want = local.forward(layer, x, ids, w)
+        with RemoteExperts(old, replicas) as remote:
+            torch.testing.assert_close(remote.forward(layer, x, ids, w), want, rtol=1e-5, atol=1e-5)
+            remote.set_placement(new)
+            assert remote.placement.version == 0  # not before the next step
+            remote.begin_step()
+            assert remote.placement.version == 1
+            torch.testing.assert_close(remote.forward(layer, x, ids, w), want, rtol=1e-5, atol=1e-5)
+            pairs = remote.take_group_pairs()
+            # version 0 sent experts 0 and 1 to group 0 only; version 1 shared them with group 1
+            assert set(pairs) == {0, 1} and sum(pairs[1][layer]) == sum(pairs[0][layer]) == ids.numel()
+            assert max(pairs[1][layer]) < max(pairs[0][layer])
+            for server, in servers.values():
+                assert server.retire({1}) == [0] and list(server.versions) == [1]
+            torch.testing.assert_close(remote.forward(layer, x, ids, w), want, rtol=1e-5, atol=1e-5)
+            remote.set_placement(old, now=True)  # a caller still on a retired version is told so
+            with pytest.raises(ExpertCallError, match="FAILED_PRECONDITION: .*serves placement version 1, .*"
+                                                      "split with version 0"):
+                remote.forward(layer, x, ids, w)
+    finally:
+        stop_all(loop, servers)
+
+
+def test_retire_keeps_what_the_router_lists_and_never_nothing(tiny_model_dir):
+    weights = load_weights(tiny_model_dir, dtype="float32", dense=False, expert_ids=[0, 1]).experts
+    server = ExpertServer(weights, 0, placement_version=0)
+    server.add_version(1, weights)
+    server.add_version(2, weights)  # say version 2 was abandoned by the router after this replica built it
+    assert server.retire({1}) == [0, 2] and list(server.versions) == [1] and server.placement_version == 1
+    assert server.retire({7}) == [] and list(server.versions) == [1]  # a list naming nothing held keeps what is here

@@ -206,3 +206,20 @@ def test_native_bf16_from_cpuinfo(machine, flags, native):
     key = "Features" if machine == "aarch64" else "flags"
     assert native_bf16(f"processor\t: 0\n{key}\t\t: {flags}\n", machine) is native
     assert native_bf16("", machine) is True  # nothing to read: no change
+
+
+def test_expert_reader_reads_one_expert_as_load_weights_stacks_it(tiny_model_dir):
+    from glm_ray.model.loader import ExpertReader
+
+    config = load_model_config(tiny_model_dir)
+    layer = config.moe_layers[1]
+    want = load_weights(tiny_model_dir, dtype="float32", dense=False, expert_ids=[5]).experts[layer]
+    reader = ExpertReader(tiny_model_dir, config, "float32")
+    w13, w2 = torch.empty_like(want.w13[0]), torch.empty_like(want.w2[0])
+    reader.read_into(layer, 5, w13, w2)
+    assert torch.equal(w13, want.w13[0]) and torch.equal(w2, want.w2[0])
+    assert reader.reader.read == [f"model.layers.{layer}.mlp.experts.5.{p}_proj.weight" for p in ("gate", "up", "down")]
+    with pytest.raises(ValueError, match=f"no routed expert 99 in layer {layer}"):
+        reader.read_into(layer, 99, w13, w2)
+    with pytest.raises(ValueError, match="no routed expert 0 in layer 0"):
+        reader.read_into(0, 0, w13, w2)  # the first layer is dense

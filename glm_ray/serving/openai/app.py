@@ -116,4 +116,21 @@ def create_app(backend: Backend, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
         except Exception as e:
             return from_exception(RuntimeError(str(e))).response()
 
+    @app.post("/v1/experts/rebalance")
+    async def rebalance(request: Request):
+        """Start a rebalance of the expert placement: balancedness before, predicted after (409
+        while one is loading or before any token was routed)."""
+        start = getattr(request.app.state.backend, "rebalance", None)
+        if start is None:
+            return error_response(400, "this server computes every routed expert in-process: there are no expert "
+                                  "groups to rebalance", kind="invalid_request_error")
+        try:
+            return JSONResponse(await start())
+        except Exception as e:  # noqa: BLE001 - a refusal is 409, the router unreachable 503
+            cause = getattr(e, "cause", None) or e
+            if isinstance(cause, ValueError):
+                text = str(cause).strip()
+                return error_response(409, text.splitlines()[-1] if text else "rebalance refused", kind="conflict")
+            return from_exception(RuntimeError(str(e))).response()
+
     return app

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
@@ -44,6 +45,8 @@ class Metrics:
                                          "attention replica", ["replica"], registry=r)
         self.attention_kv = Gauge("glm_ray_attention_kv_cache_usage_ratio", "KV-cache use of each attention "
                                   "replica (0..1)", ["replica"], registry=r)
+        self._rebalance = RebalanceCollector()
+        r.register(self._rebalance)
 
     def observe_tokens(self, arrival: float, last: float | None, now: float, num_tokens: int) -> None:
         """One delta carrying `num_tokens` tokens arrived at `now`; `last` is the previous one's time."""
@@ -90,9 +93,39 @@ class Metrics:
             for name, d in (stats.get("deployments") or {}).items():
                 for state in ("running", "starting", "draining"):
                     self.deployment_replicas.labels(name, state).set(d.get(state, 0))
+            self._rebalance.status = stats.get("rebalance")
             self.attention_sequences.clear()
             self.attention_kv.clear()
             for replica, load in (stats.get("attention") or {}).items():
                 self.attention_sequences.labels(replica).set(load["sequences"])
                 self.attention_kv.labels(replica).set(load["kv_usage"])
         return generate_latest(self.registry)
+
+
+class RebalanceCollector:
+    """The router's rebalancing counters as Prometheus counters and gauges (the router owns the counts)."""
+
+    def __init__(self):
+        self.status: dict | None = None
+
+    def describe(self):
+        return []
+
+    def collect(self):
+        r = self.status
+        if not r:
+            return
+        yield CounterMetricFamily("glm_ray_expert_rebalances", "Placement versions published by rebalancing",
+                                  value=r.get("rebalances", 0))
+        yield CounterMetricFamily("glm_ray_expert_rebalance_failures", "Rebalances abandoned (a replica could not "
+                                  "load its slots, or the timeout passed); the old placement stayed in force",
+                                  value=r.get("failures", 0))
+        yield GaugeMetricFamily("glm_ray_expert_placement_version", "Placement version in force",
+                                value=r.get("version", 0))
+        last = r.get("last") or {}
+        if last.get("seconds") is not None and last.get("changed"):
+            yield GaugeMetricFamily("glm_ray_expert_rebalance_seconds", "The last rebalance: from its start until "
+                                    "its version was published (or abandoned)", value=last["seconds"])
+        if last.get("longest_step_s") is not None and last.get("changed"):
+            yield GaugeMetricFamily("glm_ray_expert_rebalance_longest_step_seconds", "The longest engine step of "
+                                    "any attention replica during the last rebalance", value=last["longest_step_s"])
