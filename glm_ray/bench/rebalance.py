@@ -8,7 +8,9 @@ balancedness over the groups (measured by the router over that run's placement v
 engine step the slowest group's expert compute (summed over MoE layers: the time a step waits for
 its straggler). The run with the rebalance also reports the longest engine step between the
 request and the moment every attention replica switched, against the median step of the minute
-around it (the issue's bar: at most 1.5x).
+around it (the issue's bar: at most 1.5x), for decode steps (no prompt tokens: their time depends
+on the batch alone) apart from steps that carry prefill (their time depends on how many prompt
+tokens they carry: workload D admits its second 64 requests' prompts in one step mid-run).
 
 Meant to run in a child process (`isolate.run_in_child`), as the other cluster benchmarks.
 """
@@ -75,7 +77,7 @@ def run_rebalance(model_dir: str | Path, workload: Workload, dtype: str = "float
         switched = _wait_switched(router, record["version"])
         runner.join()
         during = _summary(box["run"], attention.dispatch_stats.remote().result())
-        during |= _steps_around(attention.step_times.remote().result(), asked, switched)
+        during |= _steps_around(attention.step_times.remote().result(), asked, switched, workload.max_num_seqs)
         status = router.status.remote().result()["rebalance"]
         during["rebalance"] = {**status["last"], "asked_to_switched_s": switched - asked}
         phases["during"] = during
@@ -133,15 +135,22 @@ def _wait_switched(router, version: int, timeout_s: float = 600.0) -> float:
     raise RuntimeError(f"placement version {version} not in force after {timeout_s:.0f} s")
 
 
-def _steps_around(times: list[tuple[float, float]], asked: float, switched: float) -> dict:
-    """The longest step that overlapped [asked, switched], against the median step of the minute around it."""
-    during = [s for end, s in times if end >= asked and end - s <= switched]
-    around = [s for end, s in times if asked - 30.0 <= end <= switched + 30.0]
+def _steps_around(times: list[tuple[float, float, int]], asked: float, switched: float, max_seqs: int) -> dict:
+    """Decode steps (at most one token a sequence) that overlapped [asked, switched]: the longest
+    against the median decode step of the minute around it; steps carrying prefill counted apart."""
+    def decode(tokens):
+        return tokens <= max_seqs
+
+    during = [s for end, s, n in times if end >= asked and end - s <= switched and decode(n)]
+    around = [s for end, s, n in times if asked - 30.0 <= end <= switched + 30.0 and decode(n)]
+    prefill = [s for end, s, n in times if end >= asked and end - s <= switched and not decode(n)]
     median = statistics.median(around) if around else None
     longest = max(during) if during else None
-    timeline = [(round(end - asked, 3), round(1e3 * s, 1)) for end, s in times if asked - 2.0 <= end <= switched + 2.0]
+    timeline = [(round(end - asked, 3), round(1e3 * s, 1), n) for end, s, n in times
+                if asked - 2.0 <= end <= switched + 2.0]
     return {"steps_during_rebalance": len(during), "longest_step_ms": None if longest is None else 1e3 * longest,
-            "step_timeline": timeline,  # (seconds since the request, step ms) from 2 s before to 2 s after
+            "prefill_steps_during_rebalance_ms": [round(1e3 * s, 1) for s in prefill],
+            "step_timeline": timeline,  # (seconds since the request, step ms, batched tokens), 2 s either side
             "median_step_ms_around": None if median is None else 1e3 * median,
             "longest_vs_median": None if not (longest and median) else longest / median}
 
@@ -160,10 +169,13 @@ def format_rebalance(report: dict) -> str:
                      f"{r['slowest_group_ms']:>17.1f}")
     d = p["during"]
     if d.get("longest_step_ms") is not None:
+        prefill = d["prefill_steps_during_rebalance_ms"]
         lines.append(f"during the rebalance ({d['rebalance']['asked_to_switched_s']:.1f} s from the request until "
-                     f"every attention replica switched, {d['steps_during_rebalance']} steps): longest step "
-                     f"{d['longest_step_ms']:.1f} ms = {d['longest_vs_median']:.2f}x the median step of the "
-                     f"minute around it ({d['median_step_ms_around']:.1f} ms; bar: <= 1.5x)")
+                     f"every attention replica switched, {d['steps_during_rebalance']} decode steps): longest "
+                     f"decode step {d['longest_step_ms']:.1f} ms = {d['longest_vs_median']:.2f}x the median decode "
+                     f"step of the minute around it ({d['median_step_ms_around']:.1f} ms; bar: <= 1.5x)"
+                     + (f"; steps with prefill meanwhile: {', '.join(f'{s:.0f}' for s in prefill)} ms" if prefill
+                        else ""))
     same = sum(a == b for a, b in zip(p["before"]["token_ids"], p["after"]["token_ids"]))
     lines.append(f"greedy outputs identical before and after: {same}/{len(p['before']['token_ids'])}; during: "
                  f"{sum(a == b for a, b in zip(p['before']['token_ids'], p['during']['token_ids']))}"

@@ -54,7 +54,8 @@ class LLMEngine:
         self.runner = ModelRunner(self.model, self.experts, self.cache, sampler, o.microbatches, workers)
         self.requests: dict[str, Request] = {}
         self.step_stats = {"steps": 0, "step_s": 0.0, "batched_tokens": 0}  # cumulative, for benchmarks
-        self.step_times: deque[tuple[float, float]] = deque(maxlen=8192)  # (monotonic end, seconds) of recent steps
+        # (monotonic end, seconds, batched tokens) of recent steps
+        self.step_times: deque[tuple[float, float, int]] = deque(maxlen=8192)
 
     # --- requests -------------------------------------------------------------------------------
 
@@ -106,7 +107,7 @@ class LLMEngine:
         elapsed = time.perf_counter() - start
         self.step_stats["steps"] += 1
         self.step_stats["step_s"] += elapsed
-        self.step_times.append((time.monotonic(), elapsed))
+        self.step_times.append((time.monotonic(), elapsed, out.num_batched_tokens))
         self.step_stats["batched_tokens"] += out.num_batched_tokens
         return deltas
 

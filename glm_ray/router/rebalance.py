@@ -19,6 +19,7 @@ Legend: E experts, G groups, R redundant slots per group.
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
 from collections.abc import Mapping, Sequence
@@ -66,7 +67,7 @@ class Rebalancer:
             raise RebalanceRefused("no routed tokens in the router's window yet: send some traffic first")
         load = [sum(counts[e] for counts in layers.values()) for e in range(self.current.num_experts)]
         plan = self.policy.place(load)
-        candidate = Placement(plan.groups, version=self.next_version)
+        candidate = Placement(keep_in_place(self.current.groups, plan.groups), version=self.next_version)
         before, after = predicted(layers, self.current.groups), predicted(layers, candidate.groups)
         changed = candidate.groups != self.current.groups and (after["min"] or 0) >= (before["min"] or 0) + MIN_GAIN
         record = {"reason": reason, "from_version": self.current.version,
@@ -191,6 +192,26 @@ def _fill(levels: list[float], amount: float) -> list[float]:
         k += 1
     water, low = total / k, set(order[:k])
     return [water - levels[i] if i in low else 0.0 for i in range(len(levels))]
+
+
+def keep_in_place(old: Sequence[Sequence[int]], new: Sequence[Sequence[int]]) -> list[list[int]]:
+    """`new`'s groups renumbered so that as many experts as possible stay in the group that holds
+    them now (groups are interchangeable to the policy): fewer experts to read during a rebalance.
+    Exhaustive over the orders for up to 7 groups, greedy on overlaps beyond."""
+    old_sets, new_sets = [set(g) for g in old], [set(g) for g in new]
+    overlap = [[len(o & n) for n in new_sets] for o in old_sets]  # [old group][new group]
+    g = len(old_sets)
+    if g <= 7:
+        def kept(order):  # ties: the order closest to the identity, lexicographically
+            return sum(overlap[i][order[i]] for i in range(g)), [-x for x in order]
+        best = max(itertools.permutations(range(g)), key=kept)
+    else:
+        best, free = [None] * g, set(range(g))
+        for i, j in sorted(((i, j) for i in range(g) for j in range(g)), key=lambda ij: (-overlap[ij[0]][ij[1]], ij)):
+            if best[i] is None and j in free:
+                best[i] = j
+                free.discard(j)
+    return [sorted(new[best[i]]) for i in range(g)]
 
 
 def _moves(old: Placement, new: Placement) -> dict[str, dict[str, list[int]]]:

@@ -122,8 +122,9 @@ class RouterSnapshots:
         self._wake.set()
 
 
-def _recent(step_times, after: float) -> list[tuple[float, float]]:
-    """The (end, seconds) of steps that ended after `after`; the engine thread appends meanwhile."""
+def _recent(step_times, after: float) -> list[tuple[float, float, int]]:
+    """The (end, seconds, batched tokens) of steps that ended after `after`; the engine thread appends
+    meanwhile."""
     for _ in range(5):
         try:
             return [t for t in list(step_times) if t[0] > after]
@@ -225,14 +226,16 @@ class AttentionReplica:
             experts.set_placement(Placement.from_dict(placement))
             self._next_version = placement["version"]
 
-    def step_times(self) -> list[tuple[float, float]]:
-        """(monotonic end, seconds) of the engine's recent steps (the last 8192), for benchmarks."""
+    def step_times(self) -> list[tuple[float, float, int]]:
+        """(monotonic end, seconds, batched tokens) of the engine's recent steps (the last 8192), for
+        benchmarks."""
         return _recent(self.engine.engine.step_times, float("-inf"))
 
     def load(self) -> dict:
         """Demand on this replica: sequences running + waiting, and the KV cache's use (0..1); the
-        placement version its steps use; its engine steps' longest time since the last report and
-        median over the last minute."""
+        placement version its steps use; its decode steps' (one token a sequence at most: their time
+        depends on the batch, not on prompt lengths) longest time since the last report and median
+        over the last minute."""
         s = self.engine.engine.scheduler.stats()
         used = s.num_used_blocks
         out = {"sequences": float(s.num_running + s.num_waiting), "running": float(s.num_running),
@@ -241,10 +244,11 @@ class AttentionReplica:
             out["placement_version"] = self.experts.placement.version
         now, since = time.monotonic(), getattr(self, "_last_load", 0.0)
         self._last_load = now
-        times = _recent(self.engine.engine.step_times, now - 60.0)
+        decode = self.engine.engine.options.max_num_seqs
+        times = [t for t in _recent(self.engine.engine.step_times, now - 60.0) if t[2] <= decode]
         if times:
-            out["step_max_s"] = max((s for end, s in times if end > since), default=0.0)
-            out["step_median_s"] = statistics.median(s for _, s in times)
+            out["step_max_s"] = max((s for end, s, _ in times if end > since), default=0.0)
+            out["step_median_s"] = statistics.median(s for _, s, _ in times)
         return out
 
     def record_autoscaling_stats(self) -> dict:

@@ -45,7 +45,7 @@ from glm_ray.model.loader import ExpertReader, load_weights
 from glm_ray.serving.autoscaling import BUSY, TOKENS
 
 log = logging.getLogger("glm_ray.expert_group")
-BUILD_PACE = 4.0  # after each expert copied on the gRPC loop, leave it this many times as long to requests
+BUILD_PACE = 10.0  # after each expert copied on the gRPC loop, leave it this many times as long to requests
 
 
 @serve.deployment(max_ongoing_requests=100, graceful_shutdown_wait_loop_s=0.1)

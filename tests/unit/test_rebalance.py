@@ -130,3 +130,16 @@ def test_serve_flags_set_redundancy_and_the_threshold(capsys):
     assert "--redundant-experts" in capsys.readouterr().err
     with pytest.raises(ValueError, match="redundant_experts is set but expert_groups is 0"):
         placement_for(ServeConfig(expert_groups=0, redundant_experts=1), 8)
+
+
+@pytest.mark.parametrize("num_groups", [3, 9])  # exhaustive, and greedy beyond 7 groups
+def test_new_groups_are_numbered_to_keep_experts_where_they_are(num_groups):
+    from glm_ray.router.rebalance import keep_in_place
+
+    old = [[3 * g, 3 * g + 1, 3 * g + 2] for g in range(num_groups)]
+    new = [list(group) for group in reversed(old)]  # the same groups, numbered the other way round
+    new[0] = new[0][:2] + [0]  # the last old group: one expert swapped for a copy of expert 0
+    renumbered = keep_in_place(old, new)
+    assert sorted(map(tuple, renumbered)) == sorted(tuple(sorted(g)) for g in new)  # the same groups
+    assert renumbered[:-1] == old[:-1]  # nothing moves that need not
+    assert renumbered[-1] == sorted(new[0])

@@ -127,5 +127,6 @@ class RebalanceCollector:
             yield GaugeMetricFamily("glm_ray_expert_rebalance_seconds", "The last rebalance: from its start until "
                                     "its version was published (or abandoned)", value=last["seconds"])
         if last.get("longest_step_s") is not None and last.get("changed"):
-            yield GaugeMetricFamily("glm_ray_expert_rebalance_longest_step_seconds", "The longest engine step of "
-                                    "any attention replica during the last rebalance", value=last["longest_step_s"])
+            yield GaugeMetricFamily("glm_ray_expert_rebalance_longest_step_seconds", "The longest decode step "
+                                    "(no prompt tokens) of any attention replica during the last rebalance",
+                                    value=last["longest_step_s"])
