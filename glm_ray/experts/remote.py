@@ -37,6 +37,7 @@ from glm_ray.v1 import experts_pb2 as pb
 
 log = logging.getLogger(__name__)
 REFRESH_INTERVAL_S = 0.2
+FORGET_INTERVAL_S = 5.0  # how often channels to replicas that left the table are closed
 
 # A replica's failure, not the request's: the same bytes may succeed on another replica.
 RETRY_CODES = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED,
@@ -226,6 +227,7 @@ class RemoteExperts(ExpertBackend):
         self._suspect_until: dict[str, float] = {}
         self._refreshing: asyncio.Future | None = None
         self._last_refresh = float("-inf")
+        self._last_forget = time.monotonic()
 
     @property
     def placement(self) -> Placement:
@@ -362,10 +364,29 @@ class RemoteExperts(ExpertBackend):
     def _pick(self, group: int, tried: set[str]) -> str | None:
         replicas = self.replicas.snapshot().get(group, [])
         now = time.monotonic()
+        if now - self._last_forget > FORGET_INTERVAL_S:
+            self._last_forget = now
+            self._forget_gone()
         suspect = {a for a in replicas if self._suspect_until.get(a, 0.0) > now}
         # suspects are a last resort, not a ban: the failure may have been transient
         return (self.policy.choose(replicas, self._outstanding, tried | suspect)
                 or self.policy.choose(replicas, self._outstanding, tried))
+
+    def _forget_gone(self) -> None:
+        """Close the stream and channel of every replica that left the table and has no call in
+        flight here, and drop what was known of it: under autoscaling, addresses come and go."""
+        listed = {a for addresses in self.replicas.snapshot().values() for a in addresses}
+        gone = [a for a in set(self._channels) | set(self._suspect_until) | set(self._outstanding)
+                if a not in listed and not self._outstanding.get(a)]
+        for address in gone:
+            stream = self._streams.pop(address, None)
+            if stream is not None:
+                stream.close()
+            channel = self._channels.pop(address, None)
+            if channel is not None:
+                asyncio.ensure_future(channel.close())
+            self._suspect_until.pop(address, None)
+            self._outstanding.pop(address, None)
 
     async def _call(self, address: str, payload: bytes) -> pb.ForwardReply:
         stream = self._streams.get(address)

@@ -103,4 +103,5 @@ def build_app(config: ServeConfig | dict) -> Application:
     model_name = cfg.served_model_name or (Path(model_dir).name if cfg.model else DEFAULT_MODEL_NAME)
     return Ingress.options(ray_actor_options=cfg.ingress_resources.ray_actor_options(), **shutdown).bind(
         attention, router, groups, model_dir, model_name, engine_options, cfg.max_body_bytes, cfg.max_pending_requests,
-        api_keys=resolve_api_keys(cfg), dispatch_auth=auth, refresh_s=cfg.snapshot_refresh_s)
+        api_keys=resolve_api_keys(cfg), dispatch_auth=auth, refresh_s=cfg.snapshot_refresh_s,
+        max_prompts_per_request=cfg.max_prompts_per_request)

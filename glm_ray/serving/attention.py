@@ -210,12 +210,12 @@ class AttentionReplica:
     def dispatch_stats(self) -> dict:
         """Counters since the last call: gRPC dispatch (calls, retries, bytes, serialise/wait/server
         compute seconds; none when colocated) and engine steps (count, seconds, batched tokens)."""
-        engine = self.engine.engine.step_stats
+        # the engine thread keeps adding to its counters: take a copy and report the change since
+        # the last call, never reset them under it
+        engine = dict(self.engine.engine.step_stats)
+        last, self._last_step_stats = getattr(self, "_last_step_stats", {}), engine
         transport = self.experts.stats.take() if isinstance(self.experts, RemoteExperts) else {}
-        out = {**transport, **{f"engine_{k}": v for k, v in engine.items()}}
-        for k in engine:
-            engine[k] = type(engine[k])()
-        return out
+        return {**transport, **{f"engine_{k}": v - last.get(k, 0) for k, v in engine.items()}}
 
     def _placement_published(self, placement: dict) -> None:
         """The router's placement in force: the engine switches to it at its next step."""

@@ -98,7 +98,12 @@ class ServeConfig(BaseModel):
                               "layer in turn so one group's expert round trip overlaps the next one's attention "
                               "(pays off when attention and expert groups have their own cores; see BENCHMARKS.md)")
     max_body_bytes: int = Field(32 << 20, ge=1, description="HTTP request bodies above this get 413")
-    max_pending_requests: int = Field(256, ge=1, description="requests in flight at the ingress before 429")
+    max_pending_requests: int = Field(256, ge=1, description="generations in flight at each ingress replica before "
+                                      "429 / RESOURCE_EXHAUSTED, over every generating HTTP route and gRPC, each "
+                                      "prompt of a multi-prompt completion counted")
+    max_prompts_per_request: int | None = Field(None, ge=1, description="prompts one /v1/completions request may "
+                                                "list (400 beyond), at most max_pending_requests; None: 32, or "
+                                                "max_pending_requests when that is lower")
 
     grpc_enabled: bool = Field(True, description="start Serve's gRPC proxy; it binds every interface "
                                "([::]:grpc_port) whatever `host` says, as Serve allows no other address: turn it "
@@ -160,6 +165,14 @@ class ServeConfig(BaseModel):
             if a.look_back_s <= self.autoscaling_metrics_interval_s:
                 raise ValueError(f"look_back_s ({a.look_back_s}) must exceed autoscaling_metrics_interval_s "
                                  f"({self.autoscaling_metrics_interval_s}): Serve averages several pushes")
+        return self
+
+    @model_validator(mode="after")
+    def _prompts_fit(self):
+        if self.max_prompts_per_request is not None and self.max_prompts_per_request > self.max_pending_requests:
+            raise ValueError(f"max_prompts_per_request ({self.max_prompts_per_request}) exceeds "
+                             f"max_pending_requests ({self.max_pending_requests}): such a request could never be "
+                             "admitted")
         return self
 
     def expert_drain_wait_s(self) -> float:

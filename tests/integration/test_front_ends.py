@@ -221,7 +221,7 @@ def test_overload_is_429_over_http_and_resource_exhausted_over_grpc(server, clie
         assert r.json()["error"]["type"] == "rate_limit_exceeded"
         with pytest.raises(grpc.RpcError) as info:
             list(grpc_stub.Generate(pb.GenerateRequest(prompt="hi"), metadata=METADATA))
-        assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "limit 2" in info.value.details()
+        assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "limit of 2" in info.value.details()
     finally:
         for h in held:
             h.close()  # the client leaves: the server aborts both requests and frees their places

@@ -389,3 +389,25 @@ def test_retire_keeps_what_the_router_lists_and_never_nothing(tiny_model_dir):
     server.add_version(2, weights)  # say version 2 was abandoned by the router after this replica built it
     assert server.retire({1}) == [0, 2] and list(server.versions) == [1] and server.placement_version == 1
     assert server.retire({7}) == [] and list(server.versions) == [1]  # a list naming nothing held keeps what is here
+
+
+def test_channels_to_replicas_that_left_the_table_are_closed(loop, tiny_model_dir, config, monkeypatch):
+    import glm_ray.experts.remote as remote_module
+
+    monkeypatch.setattr(remote_module, "FORGET_INTERVAL_S", 0.0)
+    placement = Placement.contiguous(config.n_routed_experts, 1)
+    servers, replicas = start_servers(loop, tiny_model_dir, placement, copies=2)
+    first, second = replicas.snapshot()[0]
+    try:
+        with RemoteExperts(placement, replicas) as remote:
+            x, ids, w = random_routing(config, 8)
+            layer = config.moe_layers[0]
+            for _ in range(4):  # ties rotate: both replicas get calls, so both get a channel
+                remote.forward(layer, x, ids, w)
+            assert set(remote._channels) == {first, second}
+            replicas.set(0, [second])  # the first left the table (scaled down, or dead)
+            remote.forward(layer, x, ids, w)
+            assert set(remote._channels) == set(remote._streams) == {second}
+            assert first not in remote._outstanding and first not in remote._suspect_until
+    finally:
+        stop_all(loop, servers)

@@ -232,7 +232,7 @@ def test_overload_is_resource_exhausted(fake):
     first.start()
     assert backend.entered.wait(10)
     code, details = _status(lambda: stub.Generate(pb.GenerateRequest(prompt="hi")))
-    assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "limit 1" in details
+    assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "limit of 1" in details
     backend.gate.set()
     first.join(10)
     assert "".join(r.text for r in stub.Generate(pb.GenerateRequest(prompt="hi"))) == "hello"

@@ -507,3 +507,58 @@ def test_text_with_unicode_line_separators_streams_one_json_per_line(fake, fake_
         choice = json.loads(line.removeprefix("data: "))["choices"][0]
         text += (choice.get("delta") or {}).get("content") or choice.get("text") or ""
     assert text == "".join(fake_backend.script)
+
+
+def test_one_limit_for_every_generating_route_counting_each_prompt(tiny_model_dir):
+    """A 3-prompt completion holds 3 of 4 places: a 2-prompt one is turned away (429), /v1/generate
+    takes the last place, then a chat request is turned away; more prompts than the cap is a 400."""
+    from glm_ray.serving.ingress import build_ingress_app
+
+    backend = FakeBackend(Tokenizer.from_pretrained(tiny_model_dir))
+    backend.gate = threading.Event()
+    server = UvicornServer(build_ingress_app(backend, max_pending_requests=4, max_prompts_per_request=3))
+    try:
+        held = []
+
+        def hold(path, body):
+            t = threading.Thread(target=lambda: held.append(httpx.post(f"{server.url}{path}", json=body, timeout=30)))
+            t.start()
+            return t
+
+        first = hold("/v1/completions", {"model": "fake", "prompt": ["a", "b", "c"]})
+        deadline = time.monotonic() + 10
+        while len(backend.requests) < 3:  # its three prompts reached the backend
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        r = httpx.post(f"{server.url}/v1/completions", json={"model": "fake", "prompt": [[1, 2], [3]]}, timeout=30)
+        _assert_error(r, 429, contains=("3 generations in flight and its 2 prompts would exceed its limit of 4",))
+        assert r.headers["retry-after"] == "1"
+        second = hold("/v1/generate", {"prompt_token_ids": [1, 2, 3], "max_tokens": 1})
+        while len(backend.requests) < 4:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        _assert_error(httpx.post(f"{server.url}/v1/chat/completions", json=_chat(model="fake"), timeout=30), 429)
+        _assert_error(httpx.post(f"{server.url}/v1/generate", json={"prompt": "x"}, timeout=30), 429)
+        backend.gate.set()
+        first.join(10)
+        second.join(10)
+        assert sorted(r.status_code for r in held) == [200, 200]
+        r = httpx.post(f"{server.url}/v1/completions", json={"model": "fake", "prompt": ["a"] * 4}, timeout=30)
+        _assert_error(r, 400, "prompt", contains=("4 prompts", "at most 3"))
+        # every place came back
+        r = httpx.post(f"{server.url}/v1/completions", json={"model": "fake", "prompt": ["a", "b", "c"]}, timeout=30)
+        assert r.status_code == 200 and len(r.json()["choices"]) == 3
+        metrics = httpx.get(f"{server.url}/metrics", timeout=30).text
+        assert 'glm_ray_requests_total{endpoint="/v1/generate",status="429"} 1.0' in metrics
+    finally:
+        server.stop()
+
+
+def test_a_prompt_cap_above_the_limit_is_refused():
+    from glm_ray.serving.admission import Admission
+    from glm_ray.serving.config import ServeConfig
+
+    with pytest.raises(ValueError, match=r"max_prompts_per_request \(300\) exceeds max_pending_requests \(256\)"):
+        ServeConfig(max_prompts_per_request=300)
+    with pytest.raises(ValueError, match="must be between 1 and the in-flight limit"):
+        Admission(4, max_prompts=5)

@@ -23,7 +23,7 @@ from glm_ray.serving.openai.completions import create_completion
 from glm_ray.serving.openai.errors import OpenAIError, error_response, from_exception, from_validation_error
 from glm_ray.serving.openai.metrics import Metrics
 from glm_ray.serving.admission import Admission
-from glm_ray.serving.openai.middleware import RequestGuard
+from glm_ray.serving.openai.middleware import ADMITTED, RequestGuard
 from glm_ray.serving.openai.schemas import ChatCompletionRequest, CompletionRequest
 
 DEFAULT_MAX_BODY_BYTES = 32 << 20
@@ -43,15 +43,35 @@ async def parse_body(request: Request, model: type[BaseModel]) -> BaseModel:
         raise from_validation_error(e) from None
 
 
+def count_prompts(prompt) -> int:
+    """How many prompts a completion's `prompt` holds: a string or a token list is one."""
+    if isinstance(prompt, list) and prompt and not all(isinstance(p, int) for p in prompt):
+        return len(prompt)
+    return 1
+
+
+def admit_prompts(request: Request, prompts: int) -> None:
+    """The middleware admitted the request as one generation; a multi-prompt one takes a place per
+    prompt, within the cap on prompts (400) and the in-flight limit (429)."""
+    admission: Admission = request.app.state.admission
+    error = admission.too_many_prompts(prompts) or admission.busy_error(prompts, held=request.scope.get(ADMITTED, 0))
+    if error is not None:
+        raise error
+    admission.in_flight += prompts - 1
+    request.scope[ADMITTED] = request.scope.get(ADMITTED, 0) + prompts - 1  # released with the response
+
+
 def create_app(backend: Backend, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
-               max_pending_requests: int = 256, metrics: Metrics | None = None,
+               max_pending_requests: int = 256, max_prompts_per_request: int | None = None,
+               metrics: Metrics | None = None,
                admission: Admission | None = None, api_keys: ApiKeys | None = None) -> FastAPI:
     """`metrics` and `admission` may be shared with a gRPC front end in the same process; with
     `api_keys` set, every route but /health needs one (401)."""
     app = FastAPI(title="glm-ray OpenAI-compatible API", version="1")
     app.state.backend = backend
     app.state.metrics = metrics = metrics or Metrics()
-    app.state.admission = admission = admission or Admission(max_pending_requests)
+    admission = admission or Admission(max_pending_requests, max_prompts_per_request)
+    app.state.admission = admission
     app.state.created = int(time.time())
     app.add_middleware(RequestGuard, max_body_bytes=max_body_bytes, admission=admission, metrics=metrics,
                        api_keys=api_keys)
@@ -84,6 +104,7 @@ def create_app(backend: Backend, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     @app.post("/v1/completions", openapi_extra=_body_schema(CompletionRequest))
     async def completions(request: Request):
         body = await parse_body(request, CompletionRequest)
+        admit_prompts(request, count_prompts(body.prompt))
         return await create_completion(body, request.app.state.backend, request.app.state.metrics)
 
     @app.post("/v1/chat/completions", openapi_extra=_body_schema(ChatCompletionRequest))

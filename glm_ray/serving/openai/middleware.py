@@ -1,5 +1,6 @@
 """An ASGI middleware that guards the app before any route runs: API keys (401), body size (413),
-requests in flight (429, counted with `Admission`, serving/admission.py, together with gRPC streams), and the per-endpoint
+generations in flight (429, counted with `Admission`, serving/admission.py, together with gRPC
+streams; a multi-prompt completion adds its other prompts in its route), and the per-endpoint
 request counter of /metrics (it sees every final status)."""
 
 from __future__ import annotations
@@ -11,9 +12,10 @@ from glm_ray.serving.api_keys import OPEN_PATHS, ApiKeys
 from glm_ray.serving.openai.errors import OpenAIError
 from glm_ray.serving.openai.metrics import Metrics
 
-ENDPOINTS = frozenset({"/v1/models", "/v1/completions", "/v1/chat/completions", "/health", "/metrics",
-                       "/v1/experts"})
-GENERATE_ENDPOINTS = frozenset({"/v1/completions", "/v1/chat/completions"})
+ENDPOINTS = frozenset({"/v1/models", "/v1/completions", "/v1/chat/completions", "/v1/generate", "/health",
+                       "/metrics", "/v1/experts", "/v1/experts/rebalance"})
+GENERATE_ENDPOINTS = frozenset({"/v1/completions", "/v1/chat/completions", "/v1/generate"})
+ADMITTED = "glm_ray.admitted"  # scope key: generations this request holds in `Admission` (a route may add some)
 
 
 class BodyTooLarge(Exception):
@@ -79,15 +81,16 @@ class RequestGuard:
             started = started or message["type"] == "http.response.start"
             await send(message)
 
-        counted = path in GENERATE_ENDPOINTS
+        counted = int(path in GENERATE_ENDPOINTS)
         self.admission.in_flight += counted
+        scope[ADMITTED] = counted
         try:
             await self.app(scope, receive_counted, send_tracked)
         except BodyTooLarge:
             if not started:
                 await _send_error(send, too_large)
         finally:
-            self.admission.in_flight -= counted
+            self.admission.in_flight -= scope[ADMITTED]
 
 
 async def _send_error(send, error: OpenAIError) -> None:
