@@ -57,8 +57,9 @@ class Rebalancer:
 
     def propose(self, tokens_per_expert: Mapping[str, Sequence[int]], reason: str,
                 measured_before: dict | None = None) -> dict:
-        """Start a rebalance from {layer: tokens per expert}; returns what `last` reports. A plan
-        equal to the placement in force is reported (`changed: False`) and not started."""
+        """Start a rebalance from {layer: tokens per expert}; returns its record (`last` from now on).
+        A plan no better than the placement in force is reported (`changed: False`), not started,
+        and leaves `last` as it was."""
         if self.pending is not None:
             raise RebalanceRefused(f"placement version {self.pending.version} is still being loaded "
                                    f"({self.clock() - self._started:.0f} s so far); try again when it is published")
@@ -77,8 +78,8 @@ class Rebalancer:
                   "predicted_after": after if changed else before,
                   "slots_per_group": self.slots_per_group, "copies": sum(len(g) for g in candidate.groups),
                   "moves": _moves(self.current, candidate) if changed else {}, "seconds": None, "error": None}
-        self.last = record
         if changed:
+            self.last = record
             self.pending, self._started = candidate, self.clock()
             self.next_version += 1
         return record

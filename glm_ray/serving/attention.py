@@ -218,12 +218,15 @@ class AttentionReplica:
         return {**transport, **{f"engine_{k}": v - last.get(k, 0) for k, v in engine.items()}}
 
     def _placement_published(self, placement: dict) -> None:
-        """The router's placement in force: the engine switches to it at its next step."""
+        """The router's placement in force: the engine switches to it at its next step, or now when
+        it is idle (so it stops holding the old version in use). A step that starts meanwhile may
+        go by both versions, layer by layer: still exact, as expert replicas hold both."""
         experts = self.experts
         if placement["version"] not in (experts.placement.version, getattr(self, "_next_version", None)):
-            log.info("placement version %d published: switching from version %d at the next step",
-                     placement["version"], experts.placement.version)
-            experts.set_placement(Placement.from_dict(placement))
+            idle = not self.engine.engine.has_unfinished()
+            log.info("placement version %d published: switching from version %d %s", placement["version"],
+                     experts.placement.version, "now (idle)" if idle else "at the next step")
+            experts.set_placement(Placement.from_dict(placement), now=idle)
             self._next_version = placement["version"]
 
     def step_times(self) -> list[tuple[float, float, int]]:

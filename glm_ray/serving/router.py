@@ -89,12 +89,13 @@ class ExpertRouter:
         RebalanceRefused (a ValueError) when one is under way or nothing was routed yet."""
         if self.rebalancer is None:
             raise RebalanceRefused("colocated (expert_groups 0): there are no expert groups to rebalance")
-        measured = self._balancedness()
+        return self._propose(reason, self._balancedness())
+
+    def _propose(self, reason: str, measured: dict) -> dict:
         record = self.rebalancer.propose(self._tokens_per_expert(), reason,
                                          {k: measured[k] for k in ("layers", "min", "mean")})
         if record["changed"]:
-            record["steps_before"] = self._step_summary()
-            record["longest_step_s"] = 0.0
+            record["steps_before"], record["longest_step_s"] = self._step_summary(), 0.0
             log.info("rebalance (%s) to placement version %d: balancedness %.3f -> %.3f predicted", reason,
                      record["version"], record["predicted_before"]["min"], record["predicted_after"]["min"])
         return record
@@ -104,13 +105,11 @@ class ExpertRouter:
         if not self.rebalance_threshold or now - self._last_check < self.rebalance_interval_s:
             return
         self._last_check = now
-        measured = self._balancedness()["min"]
-        if measured is not None and measured < self.rebalance_threshold and self.rebalancer.pending is None:
+        measured = self._balancedness()
+        low = measured["min"] is not None and measured["min"] < self.rebalance_threshold
+        if low and self.rebalancer.pending is None:
             try:
-                record = self.rebalancer.propose(self._tokens_per_expert(), f"balancedness {measured:.3f} below "
-                                                 f"{self.rebalance_threshold}", None)
-                if record["changed"]:
-                    record["steps_before"], record["longest_step_s"] = self._step_summary(), 0.0
+                self._propose(f"balancedness {measured['min']:.3f} below {self.rebalance_threshold}", measured)
             except RebalanceRefused:
                 pass
 

@@ -136,3 +136,33 @@ def test_rebalance_under_load_keeps_outputs_and_evens_the_groups(ray_serve, skew
             out.stdout + out.stderr
     finally:
         undeploy()
+
+
+def test_a_replica_that_cannot_build_its_slots_leaves_the_old_placement_in_force(ray_serve, tmp_path):
+    """The checkpoint goes missing after deployment: the expert replicas cannot read the experts
+    they gain, the router abandons the new version with the reason, and requests go on being
+    served by the version in force."""
+    model = make_model(tmp_path / "hot01", "tiny", seed=0, hot_experts={0: 1.0, 1: 1.0})
+    deploy(ServeConfig(model=str(model), expert_groups=2, redundant_experts=2, rebalance_threshold=0,
+                       dtype="float32", kv_cache_memory=64 << 20, snapshot_refresh_s=0.5, heartbeat_interval_s=0.3),
+           ray_serve)
+    try:
+        want = [generate(ray_serve, p, 8)["token_ids"] for p in prompts(4, seed=3)]
+        measured_balancedness(ray_serve, 0)
+        weights = sorted(model.glob("*.safetensors"))
+        for f in weights:
+            f.rename(f.with_suffix(".gone"))
+        record = requests.post(f"{ray_serve}/v1/experts/rebalance", timeout=30).json()
+        assert record["changed"] and record["version"] == 1
+        deadline = time.monotonic() + 60
+        while (last := experts(ray_serve)["rebalance"]["last"])["state"] == "loading":
+            assert time.monotonic() < deadline, last
+            time.sleep(0.2)
+        assert last["state"] == "abandoned" and "could not load it" in last["error"]
+        assert "CheckpointError" in last["error"] and "no .safetensors file" in last["error"]
+        status = experts(ray_serve)["rebalance"]
+        assert status["version"] == 0 and status["pending_version"] is None and status["failures"] == 1
+        assert [generate(ray_serve, p, 8)["token_ids"] for p in prompts(4, seed=3)] == want
+        assert "glm_ray_expert_rebalance_failures_total 1.0" in requests.get(f"{ray_serve}/metrics", timeout=10).text
+    finally:
+        undeploy()

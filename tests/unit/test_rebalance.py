@@ -112,6 +112,7 @@ def test_an_even_placement_is_not_moved_for_a_model_gain():
     assert r.try_publish(live(["a0"], ["a1"]))
     again = r.propose(SKEWED, "again")  # the same routing: the published placement already evens it out
     assert not again["changed"] and again["predicted_before"]["min"] > 0.98 and r.pending is None
+    assert r.last["state"] == "published" and r.last["version"] == 1  # the last real rebalance stays on record
 
 
 def test_serve_flags_set_redundancy_and_the_threshold(capsys):
