@@ -101,6 +101,7 @@ def serve_config_of(args):
             data[f"{name}_replicas"] = value
             data[f"{name}_autoscaling"] = None
     overrides = dict(model=args.model, expert_groups=args.expert_groups, dtype=args.dtype, host=args.host,
+                     ingress_replicas=args.ingress_replicas,
                      redundant_experts=args.redundant_experts, rebalance_threshold=args.rebalance_threshold,
                      http_port=args.http_port,
                      grpc_port=args.grpc_port, expert_host=args.expert_host,
@@ -162,6 +163,8 @@ def add_serve_flags(p: argparse.ArgumentParser) -> None:
                    help="attention replicas: a fixed N, or MIN:MAX to autoscale on demand")
     p.add_argument("--expert-replicas", type=replicas_arg, default=None, metavar="N|MIN:MAX",
                    help="replicas per expert group: a fixed N, or MIN:MAX to autoscale each group on its load")
+    p.add_argument("--ingress-replicas", type=positive_int, default=None, metavar="N",
+                   help="ingress replicas (HTTP app, gRPC service, tokenization), each with its own in-flight limit")
     p.add_argument("--redundant-experts", type=non_negative_int, default=None, metavar="R",
                    help="spare expert slots per group, filled by rebalancing with copies of the hottest experts")
     p.add_argument("--rebalance-threshold", type=number_in(0, 1), default=None, metavar="B",

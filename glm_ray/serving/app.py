@@ -101,7 +101,8 @@ def build_app(config: ServeConfig | dict) -> Application:
         cfg.attention_threads(), dispatch_auth=auth, bind_host=cfg.expert_host,
         drain_s=cfg.attention_drain_s)
     model_name = cfg.served_model_name or (Path(model_dir).name if cfg.model else DEFAULT_MODEL_NAME)
-    return Ingress.options(ray_actor_options=cfg.ingress_resources.ray_actor_options(), **shutdown).bind(
+    return Ingress.options(ray_actor_options=cfg.ingress_resources.ray_actor_options(),
+                           num_replicas=cfg.ingress_replicas, **shutdown).bind(
         attention, router, groups, model_dir, model_name, engine_options, cfg.max_body_bytes, cfg.max_pending_requests,
         api_keys=resolve_api_keys(cfg), dispatch_auth=auth, refresh_s=cfg.snapshot_refresh_s,
-        max_prompts_per_request=cfg.max_prompts_per_request)
+        max_prompts_per_request=cfg.max_prompts_per_request, request_timeout_s=cfg.request_timeout_s)

@@ -55,6 +55,9 @@ class ServeConfig(BaseModel):
                                "node, no expert dispatch)")
     attention_replicas: int = Field(1, ge=1, description="N: attention replicas (each runs an engine); with "
                                     "attention_autoscaling, ignored")
+    ingress_replicas: int = Field(1, ge=1, description="ingress replicas (HTTP app, gRPC service, tokenizer and chat "
+                                  "templates), each with its own max_pending_requests; the HTTP proxy spreads "
+                                  "requests over them")
     expert_replicas: int | list[int] = Field(1, description="replicas per expert group: one number for all, or one "
                                              "per group; for an autoscaled group, ignored")
     expert_autoscaling: ExpertAutoscaling | None = Field(None, description="autoscale every expert group on its "
@@ -101,6 +104,9 @@ class ServeConfig(BaseModel):
     max_pending_requests: int = Field(256, ge=1, description="generations in flight at each ingress replica before "
                                       "429 / RESOURCE_EXHAUSTED, over every generating HTTP route and gRPC, each "
                                       "prompt of a multi-prompt completion counted")
+    request_timeout_s: float | None = Field(None, gt=0, description="a generation not finished this long after it "
+                                            "started is stopped (its KV cache freed) and answered with 504 / "
+                                            "DEADLINE_EXCEEDED (an error event once streaming); None: no limit")
     max_prompts_per_request: int | None = Field(None, ge=1, description="prompts one /v1/completions request may "
                                                 "list (400 beyond), at most max_pending_requests; None: 32, or "
                                                 "max_pending_requests when that is lower")

@@ -103,10 +103,13 @@ class ExpertGroup:
             await asyncio.sleep(self.heartbeat_interval_s)
 
     async def _sync_placement(self):
-        failure, self._failure = self._failure, None
-        built, self._built = self._built, None
+        failure, built = self._failure, self._built
         sync = await self.router.placement_sync.remote(self.group, self.address, sorted(self.server.versions),
                                                        failure, built)
+        if self._failure is failure:  # told (a build that ended meanwhile is told next time)
+            self._failure = None
+        if self._built is built:
+            self._built = None
         target = sync["target"]
         building = self._building is not None and not self._building.done()
         if target["version"] not in self.server.versions and not building:
@@ -117,7 +120,8 @@ class ExpertGroup:
             log.info("expert group %d: placement versions %s retired", self.group, dropped)
 
     async def _build(self, version: int, expert_ids: list[int]):
-        """Builds `version`'s slots beside the ones served (on a worker thread), then serves them too."""
+        """Builds `version`'s slots beside the ones served, one expert at a time on the gRPC loop
+        between the requests it computes (paced by BUILD_PACE), then serves them too."""
         loop = asyncio.get_running_loop()
         start = loop.time()
 

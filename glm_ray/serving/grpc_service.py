@@ -30,7 +30,7 @@ from glm_ray.v1 import generate_pb2 as pb
 
 STATUS_CODES = {400: grpc.StatusCode.INVALID_ARGUMENT, 401: grpc.StatusCode.UNAUTHENTICATED, 404: grpc.StatusCode.NOT_FOUND,
                 413: grpc.StatusCode.RESOURCE_EXHAUSTED, 429: grpc.StatusCode.RESOURCE_EXHAUSTED,
-                503: grpc.StatusCode.UNAVAILABLE}
+                503: grpc.StatusCode.UNAVAILABLE, 504: grpc.StatusCode.DEADLINE_EXCEEDED}
 
 _OPTIONAL = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty",
              "seed", "min_tokens", "skip_special_tokens")
@@ -149,7 +149,7 @@ class GenerationService:
             body["logprobs"] = options.logprobs
         body = _validated(CompletionRequest, body)
         check_common(body, backend)
-        (ids, text), = prompts_of(body, backend.tokenizer)
+        (ids, text), = await asyncio.to_thread(prompts_of, body, backend.tokenizer)  # off the event loop
         max_tokens = DEFAULT_MAX_TOKENS if body.max_tokens is None else body.max_tokens
         check_length(backend, len(ids), max_tokens)
         params = sampling_dict(body, max_tokens, logprobs=body.logprobs)

@@ -2,6 +2,7 @@
 handles, plus `POST /v1/generate`, a token-level route for tools and tests; and the gRPC
 `Generation` service (`Generate`, `Chat`), which Serve's gRPC proxy calls by method name."""
 
+import asyncio
 import json
 import uuid
 
@@ -16,6 +17,7 @@ from glm_ray.serving.openai.app import create_app
 from glm_ray.serving.openai.errors import error_response, from_exception
 from glm_ray.serving.openai.metrics import Metrics
 from glm_ray.serving.admission import Admission
+from glm_ray.serving.timeout import TimedBackend
 from glm_ray.serving.serve_backend import ServeBackend
 
 _SAMPLING_FIELDS = set(SamplingParams.__dataclass_fields__)
@@ -43,7 +45,7 @@ async def generate(request: Request):
         if not isinstance(ids, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
             return error_response(400, "prompt_token_ids must be a list of integers", param="prompt_token_ids")
     elif isinstance(body.get("prompt"), str):
-        ids = backend.tokenizer.encode(body["prompt"])
+        ids = await asyncio.to_thread(backend.tokenizer.encode, body["prompt"])  # off the event loop
     else:
         return error_response(400, "give 'prompt' (a string) or 'prompt_token_ids' (a list of integers)",
                               param="prompt")
@@ -100,10 +102,12 @@ class Ingress:
     def __init__(self, attention, router, expert_groups: list, model_dir: str, model_name: str,
                  engine_options: dict, max_body_bytes: int = 32 << 20, max_pending_requests: int = 256,
                  api_keys: list[str] | None = None, dispatch_auth: dict | None = None, refresh_s: float = 1.0,
-                 max_prompts_per_request: int | None = None):
+                 max_prompts_per_request: int | None = None, request_timeout_s: float | None = None):
         self.expert_groups = expert_groups  # part of the app graph, so Serve deploys them
         self.backend = ServeBackend(attention, router, model_dir, model_name, engine_options, dispatch_auth,
                                     refresh_s)
+        if request_timeout_s:
+            self.backend = TimedBackend(self.backend, request_timeout_s)
         self.metrics, self.admission = Metrics(), Admission(max_pending_requests, max_prompts_per_request)
         self.max_body_bytes = max_body_bytes
         self.api_keys = ApiKeys(api_keys or [])

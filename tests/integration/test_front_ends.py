@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 
 import grpc
 import pytest
@@ -233,6 +234,41 @@ def test_overload_is_429_over_http_and_resource_exhausted_over_grpc(server, clie
             break
         threading.Event().wait(0.2)
     assert ok.status_code == 200
+
+
+def _wait_engine(attention, want_free: int, timeout_s: float = 15.0) -> dict:
+    """The attention replica's engine stats once nothing runs and `want_free` KV blocks are free."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        stats = attention.engine_stats.remote().result()
+        if (stats["running"] == 0 and stats["free_blocks"] == want_free) or time.monotonic() > deadline:
+            return stats
+        time.sleep(0.1)
+
+
+def test_a_client_gone_mid_stream_is_aborted_and_its_kv_blocks_return(server, grpc_stub):
+    """Over HTTP (the connection closed) and gRPC (the call cancelled), through Serve: the attention
+    replica stops generating for the request and its KV-cache blocks are free again."""
+    from ray import serve
+
+    attention = serve.get_deployment_handle("AttentionReplica", app_name="glm-ray")
+    baseline = _wait_engine(attention, attention.engine_stats.remote().result()["free_blocks"])
+    assert baseline["running"] == 0
+    held, lines = _hold_streams(server, 1)
+    running = attention.engine_stats.remote().result()
+    assert running["running"] == 1 and running["free_blocks"] < baseline["free_blocks"]
+    held[0].close()
+    after = _wait_engine(attention, baseline["free_blocks"])
+    assert after["running"] == 0 and after["free_blocks"] == baseline["free_blocks"], (baseline, after)
+
+    call = grpc_stub.Generate(pb.GenerateRequest(prompt="hold", sampling=pb.SamplingOptions(
+        max_tokens=3000, ignore_eos=True)), metadata=METADATA)
+    next(call)  # the first reply arrived: the request is running
+    running = attention.engine_stats.remote().result()
+    assert running["running"] == 1 and running["free_blocks"] < baseline["free_blocks"]
+    call.cancel()
+    after = _wait_engine(attention, baseline["free_blocks"])
+    assert after["running"] == 0 and after["free_blocks"] == baseline["free_blocks"], (baseline, after)
 
 
 @pytest.fixture(scope="module")

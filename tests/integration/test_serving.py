@@ -80,6 +80,24 @@ def test_distributed_equals_in_process(ray_serve, tiny_model_dir, reference, gro
         undeploy()
 
 
+def test_two_ingress_replicas_serve_exactly_and_each_admits(ray_serve, tiny_model_dir, reference):
+    """`ingress_replicas: 2`: both replicas run, the HTTP proxy spreads requests over them, and
+    outputs stay equal to the in-process engine's."""
+    from ray import serve
+
+    batch, want = reference
+    deploy(ServeConfig(model=str(tiny_model_dir), expert_groups=1, ingress_replicas=2, dtype="float32",
+                       kv_cache_memory=64 << 20), ray_serve)
+    try:
+        ingress = serve.status().applications[APP].deployments["Ingress"]
+        states = {str(getattr(state, "value", state)): n for state, n in ingress.replica_states.items()}
+        assert states.get("RUNNING") == 2, states
+        got = generate_all(ray_serve, batch, 12)
+        assert [g["token_ids"] for g in got] == [w.outputs[0].token_ids for w in want]
+    finally:
+        undeploy()
+
+
 def test_colocated_equals_in_process(ray_serve, tiny_model_dir, reference):
     """`expert_groups: 0`: no expert deployment, every routed expert inside the attention replica,
     the same front end, router statistics and outputs."""

@@ -236,3 +236,11 @@ def test_overload_is_resource_exhausted(fake):
     backend.gate.set()
     first.join(10)
     assert "".join(r.text for r in stub.Generate(pb.GenerateRequest(prompt="hi"))) == "hello"
+
+
+def test_a_request_over_the_time_limit_is_deadline_exceeded():
+    from glm_ray.serving.grpc_service import GrpcError
+    from glm_ray.serving.timeout import RequestTimeout
+
+    err = GrpcError.of(RequestTimeout(2.0))
+    assert err.code == grpc.StatusCode.DEADLINE_EXCEEDED and "request_timeout_s (2 s)" in err.details

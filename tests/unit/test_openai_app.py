@@ -7,6 +7,7 @@ Two servers: the tiny random model through `LocalBackend` (greedy output must eq
 
 from __future__ import annotations
 
+import asyncio
 import json
 import threading
 import time
@@ -562,3 +563,79 @@ def test_a_prompt_cap_above_the_limit_is_refused():
         ServeConfig(max_prompts_per_request=300)
     with pytest.raises(ValueError, match="must be between 1 and the in-flight limit"):
         Admission(4, max_prompts=5)
+
+
+def test_a_request_over_the_time_limit_is_stopped_and_answered_504(tiny_model_dir):
+    """The backend stalls after its first piece: the whole completion gets 504, the streamed one an
+    error event after its first chunk, /v1/generate a 504, and each stalled stream was closed (the
+    backend's abort path)."""
+    from glm_ray.serving.ingress import build_ingress_app
+    from glm_ray.serving.timeout import TimedBackend
+
+    class Stalling(FakeBackend):
+        closed = 0
+
+        async def generate(self, request):
+            try:
+                yield {"request_id": request["request_id"], "token_ids": [7], "text": "a", "logprobs": None,
+                       "finish_reason": None, "stop_reason": None, "num_prompt_tokens": 1, "num_output_tokens": 1,
+                       "prompt_logprobs": None}
+                await asyncio.sleep(60)
+            finally:
+                Stalling.closed += 1
+
+    backend = TimedBackend(Stalling(Tokenizer.from_pretrained(tiny_model_dir)), 0.5)
+    server = UvicornServer(build_ingress_app(backend))
+    try:
+        started = time.monotonic()
+        r = httpx.post(f"{server.url}/v1/completions", json={"model": "fake", "prompt": "x"}, timeout=30)
+        _assert_error(r, 504, contains=("request_timeout_s (0.5 s)",))
+        assert r.json()["error"]["type"] == "timeout" and time.monotonic() - started < 10
+        with httpx.stream("POST", f"{server.url}/v1/chat/completions", json=_chat(model="fake", stream=True),
+                          timeout=30) as s:
+            assert s.status_code == 200
+            events = [line for line in s.iter_lines() if line.startswith("data: ")]
+        assert '"timeout"' in events[-1] or '"timeout"' in events[-2], events
+        r = httpx.post(f"{server.url}/v1/generate", json={"prompt": "x"}, timeout=30)
+        _assert_error(r, 504)
+        assert Stalling.closed == 3  # every stalled stream was closed, none left generating
+    finally:
+        server.stop()
+
+
+def test_templates_and_tokenization_run_off_the_event_loop(tiny_model_dir):
+    """Rendering and tokenizing every route's prompt happen on worker threads: a huge prompt does not
+    hold up the event loop other requests' streams share."""
+    from glm_ray.serving.ingress import build_ingress_app
+
+    seen = []
+
+    class Recording:
+        def __init__(self, inner):
+            self.inner = inner
+
+        def __getattr__(self, name):
+            attr = getattr(self.inner, name)
+            if name not in ("encode", "apply_chat_template"):
+                return attr
+
+            def recorded(*args, **kwargs):
+                try:
+                    asyncio.get_running_loop()
+                    seen.append((name, "event loop"))
+                except RuntimeError:
+                    seen.append((name, "worker thread"))
+                return attr(*args, **kwargs)
+            return recorded
+
+    backend = FakeBackend(Recording(Tokenizer.from_pretrained(tiny_model_dir)))
+    server = UvicornServer(build_ingress_app(backend))
+    try:
+        assert httpx.post(f"{server.url}/v1/completions", json={"model": "fake", "prompt": "x"},
+                          timeout=30).status_code == 200
+        assert httpx.post(f"{server.url}/v1/chat/completions", json=_chat(model="fake"), timeout=30).status_code == 200
+        assert httpx.post(f"{server.url}/v1/generate", json={"prompt": "x"}, timeout=30).status_code == 200
+    finally:
+        server.stop()
+    assert {name for name, _ in seen} == {"encode", "apply_chat_template"}
+    assert all(where == "worker thread" for _, where in seen), seen

@@ -4,6 +4,7 @@ incremental twins)."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 import jinja2
@@ -106,7 +107,9 @@ async def start_chat(body: ChatCompletionRequest, backend, metrics, stream: bool
     before anything is sent when the request is bad or cannot be served. stream=False: the
     backend hands the output over in one piece."""
     arrival = time.monotonic()
-    setup = ChatSetup(body, backend)
+    # rendering and tokenizing a long conversation takes a while: off the event loop, which other
+    # requests' streams share
+    setup = await asyncio.to_thread(ChatSetup, body, backend)
     chat_id = new_id("chatcmpl")
     request = make_request(chat_id, setup.prompt_ids, setup.params, setup.prompt, stream=stream)
     return setup, chat_id, await open_streams(backend, [request], metrics, arrival)

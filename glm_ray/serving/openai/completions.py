@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -75,7 +76,7 @@ async def create_completion(body: CompletionRequest, backend, metrics) -> JSONRe
         raise OpenAIError(400, f"best_of must be 1, got {body.best_of}", param="best_of")
     if body.suffix:
         raise OpenAIError(400, "suffix is not supported", param="suffix")
-    prompts = prompts_of(body, backend.tokenizer)
+    prompts = await asyncio.to_thread(prompts_of, body, backend.tokenizer)  # off the event loop: see chat.py
     max_tokens = DEFAULT_MAX_TOKENS if body.max_tokens is None else body.max_tokens
     for ids, _ in prompts:
         check_length(backend, len(ids), max_tokens)
