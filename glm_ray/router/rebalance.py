@@ -115,6 +115,8 @@ class Rebalancer:
     def try_publish(self, live: Mapping[int, Sequence[str]]) -> bool:
         """Publish the pending version once every live replica of every group holds it; abandon it
         after `load_timeout_s`. live: group -> live replica addresses."""
+        listed = {a for addresses in live.values() for a in addresses}
+        self.held = {a: v for a, v in self.held.items() if a in listed}  # replicas that died unannounced
         if self.pending is None:
             return False
         waited = self.clock() - self._started

@@ -48,6 +48,8 @@ def test_published_only_once_every_live_replica_of_every_group_holds_it():
     r.report("a1", [0, 1])
     assert not r.try_publish(live(["a0", "b0"], ["a1"]))  # b0 is still loading
     assert not r.try_publish(live(["a0"], []))  # group 1 has no live replica: wait for one
+    assert not r.try_publish(live(["a0"], ["a1"]))  # a1 is back, but what it holds is known again only ...
+    r.report("a1", [0, 1])  # ... from its next sync (replicas that vanish are forgotten)
     assert r.try_publish(live(["a0"], ["a1"]))  # b0 left: every live replica holds it
     assert r.current.version == 1 and r.pending is None and r.rebalances == 1
     assert r.last["state"] == "published" and r.last["seconds"] is not None
