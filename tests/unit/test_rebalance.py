@@ -146,3 +146,30 @@ def test_new_groups_are_numbered_to_keep_experts_where_they_are(num_groups):
     assert sorted(map(tuple, renumbered)) == sorted(tuple(sorted(g)) for g in new)  # the same groups
     assert renumbered[:-1] == old[:-1]  # nothing moves that need not
     assert renumbered[-1] == sorted(new[0])
+
+
+def test_the_router_rebalances_by_itself_below_the_threshold():
+    """The router deployment's own logic (called directly, no Ray): skewed routing reported, and the
+    next replica sync past the check interval starts a rebalance with the reason recorded."""
+    import asyncio
+
+    from glm_ray.serving.router import ExpertRouter
+
+    router_cls = ExpertRouter.func_or_class
+    router = router_cls(Placement.contiguous(8, 2).to_dict(), 2, ttl_s=30.0, redundant_experts=2,
+                        rebalance_threshold=0.9, rebalance_interval_s=60.0)
+
+    async def scenario():
+        for g, address in enumerate(("a0", "a1")):
+            await router.register(g, address, f"replica-{g}")
+        await router.report_routing({"1": SKEWED["1"]})
+        quiet = await router.placement_sync(0, "a0", [0])
+        assert quiet["target"]["version"] == 0  # less than an interval since the last check: nothing yet
+        router._last_check -= 60.0  # an interval later
+        sync = await router.placement_sync(0, "a0", [0])
+        status = (await router.status())["rebalance"]
+        return sync, status
+
+    sync, status = asyncio.run(scenario())
+    assert sync["target"]["version"] == 1 and sync["keep"] == [0, 1]  # build version 1, keep 0 meanwhile
+    assert status["pending_version"] == 1 and status["last"]["reason"].startswith("balancedness 0.550 below 0.9")
