@@ -20,11 +20,6 @@ def balancedness(loads: Sequence[float]) -> float | None:
     return sum(loads) / len(loads) / max(loads)
 
 
-def group_tokens(per_expert: Sequence[int], groups: Sequence[Sequence[int]]) -> list[int]:
-    """Tokens each group computed for one layer: the sum over the experts it holds."""
-    return [sum(per_expert[e] for e in experts) for experts in groups]
-
-
 def layer_balancedness(group_tokens_by_layer: Mapping[str, Sequence[float]]) -> dict[str, float]:
     """{layer: balancedness over groups} for every layer that routed any token."""
     out = {}

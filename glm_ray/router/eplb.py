@@ -21,6 +21,8 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from glm_ray.router.balance import balancedness
+
 
 def group_loads(groups: Sequence[Sequence[int]], load: Sequence[float]) -> list[float]:
     """Per group: sum of load[e] / copies[e] over the experts it holds (copies counted over all groups)."""
@@ -29,13 +31,6 @@ def group_loads(groups: Sequence[Sequence[int]], load: Sequence[float]) -> list[
         for e in experts:
             copies[e] = copies.get(e, 0) + 1
     return [sum(load[e] / copies[e] for e in experts) for experts in groups]
-
-
-def balancedness(loads: Sequence[float]) -> float | None:
-    """mean / max of `loads` (1.0 is even, 1/G one group doing all); None when empty or all zero."""
-    if not loads or max(loads) <= 0:
-        return None
-    return sum(loads) / len(loads) / max(loads)
 
 
 @dataclass(frozen=True)

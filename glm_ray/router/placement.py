@@ -136,45 +136,65 @@ class Spreader:
         group, slot = group.reshape(-1).copy(), slot.reshape(-1).copy()
         load = np.bincount(group[~copied], minlength=self.num_groups).astype(np.float64)  # [G]
         experts, counts = np.unique(flat[copied], return_counts=True)
-        copies = np.array([len(self.holders[e]) for e in experts])
-        order = np.lexsort((experts, -counts, copies))  # fewest holders first, then hottest, then by id
-        shares = {}
-        for i in order:
-            e = int(experts[i])
-            shares[e] = water_fill(load[self.holders[e]], int(counts[i]))
-            load[self.holders[e]] += shares[e]
-        for i in order:  # one more pass: each expert re-split against what the others ended with
-            e = int(experts[i])
-            load[self.holders[e]] -= shares[e]
-            shares[e] = water_fill(load[self.holders[e]], int(counts[i]))
-            load[self.holders[e]] += shares[e]
-        for e, share in shares.items():
+        for e, share in self._split(experts, counts, load, water_fill).items():
             pairs = np.flatnonzero(flat == e)  # in token order
             to = np.repeat(self.holders[e], share)
             group[pairs], slot[pairs] = to, self.slot_in[e, to]
         return group.reshape(ids.shape), slot.reshape(ids.shape)
 
+    def group_loads(self, per_expert) -> list[float]:
+        """Per group, the load of `per_expert` (tokens per expert) once split as batches are, in
+        fractions: what the router predicts a placement's balancedness with."""
+        per_expert = np.asarray(per_expert, dtype=np.float64)
+        single = ~self.copied
+        load = np.bincount(self.group_of[single], weights=per_expert[single], minlength=self.num_groups)
+        experts = np.flatnonzero(self.copied & (per_expert > 0))
+        for e, share in self._split(experts, per_expert[experts], load, water_level).items():
+            load[self.holders[e]] += share
+        return load.tolist()
 
-def water_fill(load: np.ndarray, n: int) -> np.ndarray:
-    """n items over bins that already hold `load`: how many each bin gets, so that the fullest bin
-    ends as low as it can (integers summing to n; the remainder goes to the emptiest bins, ties by
-    position)."""
+    def _split(self, experts: np.ndarray, counts: np.ndarray, load: np.ndarray, fill) -> dict[int, np.ndarray]:
+        """{expert: its share per holder}: `counts` of each copied expert filled over its holders on
+        top of `load` (fewest holders first, then the hottest, then by id), then each filled again
+        against the others' final split. `load` is left as it was."""
+        load = load.copy()
+        copies = np.array([len(self.holders[e]) for e in experts])
+        order = np.lexsort((experts, -counts, copies))
+        shares = {}
+        for i in order:
+            e = int(experts[i])
+            shares[e] = fill(load[self.holders[e]], counts[i])
+            load[self.holders[e]] += shares[e]
+        for i in order:  # one more pass: each expert re-split against what the others ended with
+            e = int(experts[i])
+            load[self.holders[e]] -= shares[e]
+            shares[e] = fill(load[self.holders[e]], counts[i])
+            load[self.holders[e]] += shares[e]
+        return shares
+
+
+def water_level(load: np.ndarray, amount: float) -> np.ndarray:
+    """`amount` poured over bins that already hold `load`: each bin's share, so that the fullest bin
+    ends as low as it can (the emptiest bins rise to one level)."""
     order = np.argsort(load, kind="stable")
     sorted_load = load[order].astype(np.float64)
-    level, k = sorted_load[0] + n, 1
+    k = 1
     # raise the water over the k emptiest bins until the next bin is above it
-    while k < len(load):
-        level = (sorted_load[:k].sum() + n) / k
-        if level <= sorted_load[k]:
-            break
+    while k < len(load) and (sorted_load[:k].sum() + amount) / k > sorted_load[k]:
         k += 1
-    else:
-        level = (sorted_load.sum() + n) / len(load)
-    take = np.zeros(len(load), dtype=np.int64)
-    base = np.floor(np.maximum(level - sorted_load[:k], 0)).astype(np.int64)
-    take[:k] = base
-    for j in range(n - int(base.sum())):  # what flooring left over, emptiest first
-        take[j % k] += 1
-    out = np.zeros(len(load), dtype=np.int64)
-    out[order] = take
+    level = (sorted_load[:k].sum() + amount) / k
+    out = np.zeros(len(load), dtype=np.float64)
+    out[order[:k]] = level - sorted_load[:k]
     return out
+
+
+def water_fill(load: np.ndarray, n: int) -> np.ndarray:
+    """`water_level` in whole items: integers summing to n, what flooring leaves over going to the
+    emptiest bins (ties by position)."""
+    n = int(n)
+    share = water_level(load, n)
+    take = np.floor(share + 1e-9).astype(np.int64)
+    order = np.argsort(load, kind="stable")
+    for j in range(n - int(take.sum())):
+        take[order[j % int((share > 0).sum() or 1)]] += 1
+    return take

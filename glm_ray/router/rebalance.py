@@ -24,8 +24,9 @@ import math
 import time
 from collections.abc import Mapping, Sequence
 
-from glm_ray.router.eplb import RedundantExpertPolicy, balancedness
-from glm_ray.router.placement import Placement
+from glm_ray.router.balance import balancedness
+from glm_ray.router.eplb import RedundantExpertPolicy
+from glm_ray.router.placement import Placement, Spreader
 
 MIN_GAIN = 0.02  # a new placement must raise the predicted balancedness (min over layers) by this much
 
@@ -150,9 +151,11 @@ class Rebalancer:
 def predicted(tokens_per_expert: Mapping[str, Sequence[int]], groups: Sequence[Sequence[int]]) -> dict:
     """Balancedness per layer with each copied expert's tokens split over its copies as attention
     replicas split them (placement.Spreader: water-filling), with min and mean over layers."""
+    spread = None
     layers = {}
     for layer, counts in tokens_per_expert.items():
-        b = balancedness(dispatched_loads(groups, counts))
+        spread = spread or Spreader(Placement(groups, num_experts=len(counts)))
+        b = balancedness(spread.group_loads(counts))
         if b is not None:
             layers[layer] = b
     return {"layers": layers, "min": min(layers.values()) if layers else None,
@@ -160,41 +163,9 @@ def predicted(tokens_per_expert: Mapping[str, Sequence[int]], groups: Sequence[S
 
 
 def dispatched_loads(groups: Sequence[Sequence[int]], load: Sequence[float]) -> list[float]:
-    """Per group, its load once each copied expert's load is water-filled over the groups holding
-    it (fewest holders first, then heaviest; then each refilled against the others), in fractions."""
-    holders: dict[int, list[int]] = {}
-    for g, experts in enumerate(groups):
-        for e in experts:
-            holders.setdefault(e, []).append(g)
-    out = [0.0] * len(groups)
-    copied = []
-    for e, gs in holders.items():
-        if len(gs) == 1:
-            out[gs[0]] += load[e]
-        elif load[e] > 0:
-            copied.append(e)
-    copied.sort(key=lambda e: (len(holders[e]), -load[e], e))
-    shares = {e: [0.0] * len(holders[e]) for e in copied}
-    for _ in range(2):
-        for e in copied:
-            gs = holders[e]
-            for g, s in zip(gs, shares[e]):
-                out[g] -= s
-            shares[e] = _fill([out[g] for g in gs], load[e])
-            for g, s in zip(gs, shares[e]):
-                out[g] += s
-    return out
-
-
-def _fill(levels: list[float], amount: float) -> list[float]:
-    """Pour `amount` over bins at `levels` so the highest ends as low as it can: each bin's share."""
-    order = sorted(range(len(levels)), key=lambda i: levels[i])
-    k, total = 1, levels[order[0]] + amount
-    while k < len(order) and total / k > levels[order[k]]:
-        total += levels[order[k]]
-        k += 1
-    water, low = total / k, set(order[:k])
-    return [water - levels[i] if i in low else 0.0 for i in range(len(levels))]
+    """Per group, its load once each copied expert's load is split over the groups holding it as
+    batches are (Spreader.group_loads)."""
+    return Spreader(Placement(groups, num_experts=len(load))).group_loads(load)
 
 
 def keep_in_place(old: Sequence[Sequence[int]], new: Sequence[Sequence[int]]) -> list[list[int]]:

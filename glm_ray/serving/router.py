@@ -17,9 +17,8 @@ from collections import deque
 from ray import serve
 
 from glm_ray.router import balance
-from glm_ray.router.eplb import group_loads
 from glm_ray.router.placement import Placement
-from glm_ray.router.rebalance import Rebalancer, RebalanceRefused
+from glm_ray.router.rebalance import Rebalancer, RebalanceRefused, dispatched_loads
 from glm_ray.router.registry import ReplicaRegistry
 
 log = logging.getLogger("glm_ray.router")
@@ -142,7 +141,7 @@ class ExpertRouter:
 
     def _group_tokens(self) -> dict[str, list[float]]:
         """{layer: pairs each group computed} under the placement in force: as attention replicas
-        reported sending them, else (nothing reported for this version) split evenly over copies."""
+        reported sending them, else (nothing reported for this version) split over copies as batches are."""
         version = str(self.placement["version"])
         out: dict[str, list[float]] = {}
         for _, _, pairs in self.routing:
@@ -153,7 +152,7 @@ class ExpertRouter:
         if out or self.rebalancer is None:
             return out
         groups = self.placement["groups"]
-        return {layer: group_loads(groups, per_expert) for layer, per_expert in self._tokens_per_expert().items()}
+        return {layer: dispatched_loads(groups, per_expert) for layer, per_expert in self._tokens_per_expert().items()}
 
     def _balancedness(self) -> dict:
         rates: dict[str, list[float]] = {}

@@ -3,10 +3,16 @@ over the replicas of a group, as /v1/experts, /metrics and `glm-ray status` show
 
 import pytest
 
-from glm_ray.router.balance import balancedness, group_tokens, layer_balancedness, summarize
+from glm_ray.router.balance import balancedness, layer_balancedness, summarize
+from glm_ray.router.eplb import group_loads
 from glm_ray.serving.openai.metrics import Metrics
 
 GROUPS = [[0, 1], [2, 3]]
+
+
+def group_tokens(per_expert, groups):
+    """Without copies: the tokens of the experts each group holds, summed."""
+    return group_loads(groups, per_expert)
 
 
 def by_group(tokens_per_expert: dict) -> dict:

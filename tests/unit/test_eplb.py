@@ -8,7 +8,8 @@ import random
 import pytest
 
 import glm_ray.router.eplb as eplb
-from glm_ray.router.eplb import Plan, RedundantExpertPolicy, balancedness, group_loads
+from glm_ray.router.balance import balancedness
+from glm_ray.router.eplb import Plan, RedundantExpertPolicy, group_loads
 
 
 def check_valid(plan: Plan, load, num_experts: int, num_groups: int, slots: int) -> None:
