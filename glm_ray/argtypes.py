@@ -35,3 +35,13 @@ def number_in(low: float, high: float, *, low_open: bool = False):
         return value
 
     return parse
+
+
+def device_arg(text: str) -> str:
+    """An argparse type: auto, cpu, cuda or cuda:N (glm_ray/device.py), the message naming the value."""
+    from glm_ray.device import check_device
+
+    try:
+        return check_device(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None

@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from glm_ray.argtypes import non_negative_int, number_in, positive_int
+from glm_ray.argtypes import device_arg, non_negative_int, number_in, positive_int
 
 
 def _model_dir(args) -> Path:
@@ -32,13 +32,14 @@ def cmd_make_model(args) -> int:
 def cmd_generate(args) -> int:
     from glm_ray.config import ConfigError
     from glm_ray.model.loader import CheckpointError, load_model
+    from glm_ray.device import resolve_device
     from glm_ray.model.reference import greedy_generate
     from glm_ray.tokenizer import Tokenizer
 
     model_dir = _model_dir(args)
     try:
-        model, experts, config = load_model(model_dir, dtype=args.dtype)
-    except (ConfigError, CheckpointError) as e:
+        model, experts, config = load_model(model_dir, dtype=args.dtype, device=resolve_device(args.device))
+    except (ConfigError, CheckpointError, ValueError) as e:
         raise SystemExit(f"glm-ray: error: {e}") from None
     tokenizer = Tokenizer.from_pretrained(model_dir)
     prompt_ids = tokenizer.encode(args.prompt)
@@ -101,6 +102,7 @@ def serve_config_of(args):
             data[f"{name}_replicas"] = value
             data[f"{name}_autoscaling"] = None
     overrides = dict(model=args.model, expert_groups=args.expert_groups, dtype=args.dtype, host=args.host,
+                     device=args.device, expert_backend=args.expert_backend,
                      ingress_replicas=args.ingress_replicas,
                      redundant_experts=args.redundant_experts, rebalance_threshold=args.rebalance_threshold,
                      http_port=args.http_port,
@@ -171,6 +173,10 @@ def add_serve_flags(p: argparse.ArgumentParser) -> None:
                    help="rebalance when the balancedness over expert groups (min over layers) falls below B "
                    "(default 0.8 with --redundant-experts, else off; 0: off)")
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default=None)
+    p.add_argument("--device", type=device_arg, default=None, metavar="auto|cpu|cuda[:N]",
+                   help="where replicas compute (default auto: a GPU when the replica reserved one)")
+    p.add_argument("--expert-backend", choices=["auto", "cpu-kernel", "torch", "deepspeed"], default=None,
+                   help="routed-expert compute (default auto: GPU deepspeed, else torch; CPU cpu-kernel)")
     p.add_argument("--host", default=None, help="HTTP bind address (default 127.0.0.1)")
     p.add_argument("--http-port", type=int, default=None)
     p.add_argument("--grpc-port", type=int, default=None, help="Serve's gRPC proxy port; it binds every interface")
@@ -256,6 +262,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, help="checkpoint directory (default: the built-in tiny model)")
     p.add_argument("--max-tokens", type=positive_int, default=32)
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto")
+    p.add_argument("--device", type=device_arg, default="auto", metavar="auto|cpu|cuda[:N]",
+                   help="default auto: CUDA where torch sees a GPU")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("serve", help="serve a model on Ray Serve (starts a local Ray cluster without RAY_ADDRESS)")

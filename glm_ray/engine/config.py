@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 
 from glm_ray.config import ModelConfig
+from glm_ray.device import check_device
 
 GLM46_MAX_OUTPUT_TOKENS = 131072
 
@@ -19,6 +20,8 @@ class EngineOptions:
     """What a user may pass as `LLM(model, **options)`; unknown names are an error."""
 
     dtype: str = "auto"  # auto (the checkpoint's), float32, bfloat16
+    device: str = "auto"  # auto (CUDA where torch sees it), cpu, cuda, cuda:N (glm_ray/device.py)
+    expert_backend: str = "auto"  # routed-expert compute: auto, cpu-kernel, torch, deepspeed (experts/compute.py)
     max_num_seqs: int = 64  # sequences running at once
     max_num_batched_tokens: int = 2048  # tokens computed in one step
     max_model_len: int | None = None  # prompt + output positions; None = the model's maximum
@@ -44,6 +47,10 @@ class EngineOptions:
     def __post_init__(self):
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
+        check_device(self.device)
+        from glm_ray.experts.compute import check_backend
+
+        check_backend(self.expert_backend)
         for name in ("max_num_seqs", "max_num_batched_tokens", "kv_cache_memory", "block_size", "microbatches",
                      "attention_workers"):
             value = getattr(self, name)

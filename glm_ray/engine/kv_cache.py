@@ -26,11 +26,13 @@ def kv_bytes_per_token(config: ModelConfig, dtype: torch.dtype) -> int:
 
 
 class PagedKVCache:
-    def __init__(self, config: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype):
+    def __init__(self, config: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype,
+                 device: torch.device | str = "cpu"):
         self.num_blocks, self.block_size = num_blocks, block_size
+        self.device = torch.device(device)
         shape = (num_blocks, block_size, config.num_key_value_heads, config.head_dim)
-        self.k = [torch.zeros(shape, dtype=dtype) for _ in range(config.num_hidden_layers)]
-        self.v = [torch.zeros(shape, dtype=dtype) for _ in range(config.num_hidden_layers)]
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
 
 
 @dataclass
@@ -56,14 +58,15 @@ class PagedAttention:
         for c in chunks:
             for pos in range(c.context_len - c.num_tokens, c.context_len):
                 slots.append(c.blocks[pos // bs] * bs + pos % bs)
-        self.slot_mapping = torch.tensor(slots, dtype=torch.long)  # [T]
+        device = cache.device
+        self.slot_mapping = torch.tensor(slots, dtype=torch.long, device=device)  # [T]
         # a whole prompt attends to this step's own keys; a continued one gathers its earlier blocks
         self.prefills = [(c, None if c.num_tokens == c.context_len else
-                          torch.tensor(c.blocks[:_num_blocks(c.context_len, bs)], dtype=torch.long))
+                          torch.tensor(c.blocks[:_num_blocks(c.context_len, bs)], dtype=torch.long, device=device))
                          for c in chunks if c.num_tokens > 1]
         decodes = sorted((c for c in chunks if c.num_tokens == 1), key=lambda c: c.context_len)
         # decodes of similar length attend together: each bucket is padded to its own longest
-        self.decode_buckets = [_DecodeBucket(part, bs, cache.k[0].dtype) for part in _split(decodes)]
+        self.decode_buckets = [_DecodeBucket(part, bs, cache.k[0].dtype, device) for part in _split(decodes)]
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
         k_cache, v_cache = self.cache.k[layer], self.cache.v[layer]
@@ -97,8 +100,9 @@ class _DecodeBucket:
     """Decode queries that attend in one padded call: their block tables padded to the longest
     (with block 0) and an additive mask hiding the padding, built once per step for every layer."""
 
-    def __init__(self, decodes: list[StepChunk], block_size: int, dtype: torch.dtype):
-        self.rows = torch.tensor([c.offset for c in decodes], dtype=torch.long)
+    def __init__(self, decodes: list[StepChunk], block_size: int, dtype: torch.dtype,
+                 device: torch.device | str = "cpu"):
+        self.rows = torch.tensor([c.offset for c in decodes], dtype=torch.long, device=device)
         width = max(_num_blocks(c.context_len, block_size) for c in decodes)
         self.width = width * block_size  # L: keys each query reads, padding included
         table = []  # [B * N], each row padded with block 0
@@ -106,9 +110,9 @@ class _DecodeBucket:
             n = _num_blocks(c.context_len, block_size)
             table += c.blocks[:n]
             table += [0] * (width - n)
-        self.blocks = torch.tensor(table, dtype=torch.long)
-        lens = torch.tensor([c.context_len for c in decodes])
-        visible = torch.arange(width * block_size)[None, :] < lens[:, None]  # [B, L]
+        self.blocks = torch.tensor(table, dtype=torch.long, device=device)
+        lens = torch.tensor([c.context_len for c in decodes], device=device)
+        visible = torch.arange(width * block_size, device=device)[None, :] < lens[:, None]  # [B, L]
         self.mask = torch.zeros(visible.shape, dtype=dtype).masked_fill_(~visible, float("-inf"))[:, None, None, :]
 
     def attend(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, scale: float) -> torch.Tensor:

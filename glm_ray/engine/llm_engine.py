@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from glm_ray.config import load_model_config
+from glm_ray.device import resolve_device
 from glm_ray.engine.attention_workers import AttentionWorkers, share_projections
 from glm_ray.engine.config import EngineLimits, EngineOptions
 from glm_ray.engine.kv_cache import PagedKVCache, kv_bytes_per_token
@@ -35,9 +36,11 @@ class LLMEngine:
         if self.options.retain_freed_memory:
             retain_freed_memory()
         self.model_config = load_model_config(self.model_dir)
-        self.dtype = resolve_dtype(self.options.dtype, self.model_config)
+        self.device = resolve_device(self.options.device)
+        self.dtype = resolve_dtype(self.options.dtype, self.model_config, device=self.device)
         self.tokenizer = Tokenizer.from_pretrained(self.model_dir)
-        self.model, local, _ = load_model(self.model_dir, dtype=self.dtype, with_experts=experts is None)
+        self.model, local, _ = load_model(self.model_dir, dtype=self.dtype, with_experts=experts is None,
+                                          device=self.device, expert_backend=self.options.expert_backend)
         self.experts = experts or local
         self.limits = EngineLimits.resolve(self.options, self.model_config,
                                            kv_bytes_per_token(self.model_config, self.dtype))
@@ -45,8 +48,8 @@ class LLMEngine:
         self.scheduler = Scheduler(SchedulerConfig(
             o.max_num_seqs, o.max_num_batched_tokens, o.block_size, self.limits.num_kv_blocks,
             o.enable_prefix_caching, o.long_prefill_token_threshold))
-        self.cache = PagedKVCache(self.model_config, self.limits.num_kv_blocks, o.block_size, self.dtype)
-        sampler = Sampler(self.model_config.eos_token_ids, torch.Generator().manual_seed(o.seed))
+        self.cache = PagedKVCache(self.model_config, self.limits.num_kv_blocks, o.block_size, self.dtype, self.device)
+        sampler = Sampler(self.model_config.eos_token_ids, torch.Generator(self.device).manual_seed(o.seed))
         workers = None
         if o.attention_workers > 1:
             workers = AttentionWorkers(o.attention_workers)
@@ -64,7 +67,8 @@ class LLMEngine:
         self.validate(prompt_token_ids, params)
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already running")
-        req = Request(request_id, prompt_token_ids, params, self.tokenizer, self.model_config.eos_token_ids, prompt)
+        req = Request(request_id, prompt_token_ids, params, self.tokenizer, self.model_config.eos_token_ids, prompt,
+                      device=self.device)
         self.scheduler.add(req.seq)
         self.requests[request_id] = req
         return req

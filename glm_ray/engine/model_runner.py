@@ -52,7 +52,7 @@ class ModelRunner:
         sampling = [(c, sc) for c, sc in zip(chunks, step_chunks) if c.sample]
         if not sampling:
             return StepResult({}, {}, prompt_logits)
-        rows = torch.tensor([sc.offset + sc.num_tokens - 1 for _, sc in sampling])
+        rows = torch.tensor([sc.offset + sc.num_tokens - 1 for _, sc in sampling], device=hidden.device)
         logits = self.model.compute_logits(hidden[rows])  # [S, V]
         reqs = [requests[c.seq.seq_id] for c, _ in sampling]
         out = self.sampler(logits, reqs)
@@ -71,7 +71,9 @@ class ModelRunner:
                 positions.extend(range(c.start, c.end))
                 local.append(StepChunk(offset, sc.num_tokens, sc.context_len, sc.blocks))
                 offset += sc.num_tokens
-            batches.append((torch.tensor(ids, dtype=torch.long), torch.tensor(positions, dtype=torch.long),
+            device = self.cache.device  # step inputs go over once; only sampled ids come back
+            batches.append((torch.tensor(ids, dtype=torch.long, device=device),
+                            torch.tensor(positions, dtype=torch.long, device=device),
                             PagedAttention(self.cache, local, self.workers)))
         if len(batches) == 1:
             return self.model(*batches[0], self.experts)

@@ -16,14 +16,14 @@ from glm_ray.tokenizer import IncrementalDetokenizer
 
 class Request:
     def __init__(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, tokenizer,
-                 eos_token_ids, prompt: str | None = None):
+                 eos_token_ids, prompt: str | None = None, device: torch.device | str = "cpu"):
         self.request_id = request_id
         self.prompt = prompt
         self.sampling_params = params
         self.seq = Sequence(request_id, prompt_token_ids, params.max_tokens, sampling_params=params)
         # prompt logprobs need logits for every prompt position: no prefix-cache shortcut
         self.seq.cache_prefix = params.prompt_logprobs is None
-        self.generator: torch.Generator | None = make_generator(params.seed)
+        self.generator: torch.Generator | None = make_generator(params.seed, device)
         self.detokenizer = IncrementalDetokenizer(tokenizer, prompt_token_ids, params.skip_special_tokens)
         self.tokenizer = tokenizer
         self.eos_token_ids = set(eos_token_ids)

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from glm_ray.experts import swiglu_kernel
 from glm_ray.experts.backend import ExpertBackend
+from glm_ray.experts.compute import ExpertCompute, select_compute
 
 
 class ExpertWeights:
@@ -29,6 +30,19 @@ class ExpertWeights:
 
     def numel(self) -> int:
         return self.w13.numel() + self.w2.numel()
+
+    def to_slots_on(self, device: torch.device) -> ExpertWeights:
+        """Keep the slot table beside the weights (it indexes on their device)."""
+        self.slot = self.slot.to(device)
+        return self
+
+    def to(self, device: torch.device) -> ExpertWeights:
+        """The same experts on `device` (self when they are there already)."""
+        if self.w13.device == torch.device(device):
+            return self
+        moved = ExpertWeights(self.expert_ids, self.w13.to(device), self.w2.to(device), self.slot.numel())
+        moved.slot = moved.slot.to(device)
+        return moved
 
 
 def grouped_swiglu(hidden_states: torch.Tensor, local_ids: torch.Tensor, weights: torch.Tensor,
@@ -119,11 +133,16 @@ def reference_moe(hidden_states, topk_ids, topk_weights, experts: dict[int, tupl
 
 
 class LocalExperts(ExpertBackend):
-    """All (or a chosen subset of) routed experts of every MoE layer, in this process."""
+    """All (or a chosen subset of) routed experts of every MoE layer, in this process, computed
+    by `compute` (experts/compute.py; default: `auto` for the weights' device)."""
 
-    def __init__(self, layers: dict[int, ExpertWeights]):
+    def __init__(self, layers: dict[int, ExpertWeights], compute: ExpertCompute | None = None):
         self.layers = layers
-        self.compute_s = 0.0  # cumulative time in expert compute, for benchmarks
+        if compute is None:
+            first = next(iter(layers.values()), None)
+            compute = select_compute("auto", first.w13.device if first is not None else torch.device("cpu"))
+        self.compute = compute
+        self.compute_s = 0.0  # cumulative time in expert compute, for benchmarks (GPU: time to launch)
 
     def forward(self, layer, hidden_states, topk_ids, topk_weights):
         return self.partial_forward(layer, hidden_states, topk_ids, topk_weights).to(hidden_states.dtype)
@@ -132,7 +151,8 @@ class LocalExperts(ExpertBackend):
         """The fp32 weighted sum over the experts held here; pairs for other experts contribute 0."""
         held = self.layers[layer]
         start = time.perf_counter()
-        out = grouped_swiglu(hidden_states, held.slot[topk_ids], topk_weights, held.w13, held.w2)
+        out = self.compute(hidden_states, held.slot[topk_ids], topk_weights, held,
+                           all_held=len(held.expert_ids) == held.slot.numel())
         self.compute_s += time.perf_counter() - start
         return out
 

@@ -31,6 +31,7 @@ from glm_ray.experts.auth import DispatchAuth
 from glm_ray.experts.backend import ExpertBackend
 from glm_ray.experts.policy import LeastOutstanding, ReplicaPolicy
 from glm_ray.experts.stream import CallFailed, ReplicaStream
+from glm_ray.experts.staging import HostStaging
 from glm_ray.experts.wire import GRPC_OPTIONS, MAX_MESSAGE_BYTES, array_to_proto, dtype_name, tensor_from_proto
 from glm_ray.router.placement import Placement, Spreader
 from glm_ray.v1 import experts_pb2 as pb
@@ -167,7 +168,13 @@ class PendingRemote:
         t1 = time.perf_counter()
         # numpy, not torch: these few small adds run on this thread alone, instead of waking torch's
         # OpenMP workers (asleep through the wait) on cores the expert groups may still hold
-        out = np.zeros(tuple(self._like.shape), dtype=np.float32)  # [T, H]
+        staging = self._owner.staging
+        if staging.active:  # a GPU replica: sum into a reused pinned buffer, then one queued copy up
+            staged, ring_index = staging.reserve("partial", tuple(self._like.shape), torch.float32)
+            out = staged.numpy()
+            out.fill(0.0)
+        else:
+            out = np.zeros(tuple(self._like.shape), dtype=np.float32)  # [T, H]
         received, compute, slowest = 0, 0.0, 0.0
         for rows, reply in zip(self._rows, replies):
             if reply.request_id != self._request_id:
@@ -184,7 +191,10 @@ class PendingRemote:
             received += reply.ByteSize()
             compute += reply.compute_s
             slowest = max(slowest, reply.compute_s)
-        self._value = torch.from_numpy(out).to(device=self._like.device, dtype=self._like.dtype)
+        if staging.active:
+            self._value = staging.upload("partial", ring_index, staged, self._like.dtype)
+        else:
+            self._value = torch.from_numpy(out).to(dtype=self._like.dtype)
         stats.add(wait_s=t1 - t0, serialize_s=time.perf_counter() - t1, bytes_received=received,
                   server_compute_s=compute, slowest_group_s=slowest)
         return self._value
@@ -198,13 +208,16 @@ class RemoteExperts(ExpertBackend):
     unavailable_wait_s: how long to wait for a group with no live replica before
     ExpertUnavailableError; suspect_s: how long a replica that failed is avoided;
     loop: run on this EventLoopThread instead of owning one; auth: the cluster secret every call
-    carries and TLS for the channels (None: neither).
+    carries and TLS for the channels (None: neither); device: where the caller's tensors live (a GPU
+    stages them through reused pinned host buffers; the wire is the same either way).
     """
 
     def __init__(self, placement: Placement, replicas: ReplicaSource, *, policy: ReplicaPolicy | None = None,
                  call_timeout_s: float = 60.0, unavailable_wait_s: float = 10.0, suspect_s: float = 5.0,
-                 poll_s: float = 0.05, loop: EventLoopThread | None = None, auth: DispatchAuth | None = None):
+                 poll_s: float = 0.05, loop: EventLoopThread | None = None, auth: DispatchAuth | None = None,
+                 device: torch.device | str = "cpu"):
         self.replicas = replicas
+        self.staging = HostStaging(device)
         self.policy = policy or LeastOutstanding()
         self.call_timeout_s, self.unavailable_wait_s = call_timeout_s, unavailable_wait_s
         self.suspect_s, self.poll_s = suspect_s, poll_s
@@ -264,11 +277,12 @@ class RemoteExperts(ExpertBackend):
     def submit(self, layer, hidden_states, topk_ids, topk_weights) -> PendingRemote:
         t0 = time.perf_counter()
         # numpy, not torch, for the split: a decode step is dozens of tiny ops, each ~5x cheaper there
-        x = hidden_states.detach().cpu()  # [T, H]
+        # from a GPU, through reused pinned buffers (staging.py); on CPU these are the tensors themselves
+        x = self.staging.to_host("hidden_states", hidden_states.detach())  # [T, H]
         x_np = (x.view(torch.int16) if x.dtype == torch.bfloat16 else x).numpy()
         x_dtype = dtype_name(x.dtype)
-        ids = topk_ids.cpu().numpy()  # [T, K]
-        weights = topk_weights.cpu().float().numpy()  # [T, K]
+        ids = self.staging.to_host("topk_ids", topk_ids).numpy()  # [T, K]
+        weights = self.staging.to_host("topk_weights", topk_weights.float()).numpy()  # [T, K]
         table = self._table  # one table for the whole call
         version = table.placement.version
         group, slot = table.spread(ids)  # [T, K] each pair's group and slot there

@@ -28,7 +28,9 @@ from google.protobuf.message import DecodeError
 
 from glm_ray.experts.auth import DispatchAuth
 from glm_ray.experts.load import LoadMeter
-from glm_ray.experts.local import ExpertWeights, grouped_swiglu
+from glm_ray.experts.compute import ExpertCompute, select_compute
+from glm_ray.experts.local import ExpertWeights
+from glm_ray.experts.staging import HostStaging
 from glm_ray.experts.wire import GRPC_OPTIONS, dtype_name, tensor_from_proto, tensor_to_proto
 from glm_ray.v1 import experts_pb2 as pb
 
@@ -51,12 +53,19 @@ class ExpertServer:
     placement version `placement_version`;
     `auth`: the cluster secret calls must carry and TLS for the port (None: neither);
     `load_window_s`: the look-back window of `load` (busy fraction, tokens per second);
-    `num_threads`: torch's threads on the threads that compute (None: leave torch's setting)."""
+    `num_threads`: torch's threads on the threads that compute (None: leave torch's setting);
+    `compute`: the expert backend (experts/compute.py; default `auto` for the weights' device).
+    Requests arrive as host bytes; on a GPU they go up and the reply down through reused pinned
+    buffers (experts/staging.py)."""
 
     def __init__(self, layers: dict[int, ExpertWeights], group: int, *, placement_version: int = 0,
-                 auth: DispatchAuth | None = None, load_window_s: float = 10.0, num_threads: int | None = None):
+                 auth: DispatchAuth | None = None, load_window_s: float = 10.0, num_threads: int | None = None,
+                 compute: ExpertCompute | None = None):
         self.group = group
         first = _check_layers(layers, group)
+        self.device = first.w13.device
+        self.compute = compute or select_compute("auto", self.device)
+        self.staging = HostStaging(self.device)
         self.versions: dict[int, dict[int, ExpertWeights]] = {placement_version: layers}  # replaced, never mutated
         self._rebalanced = False  # once a version was added, a request's 0 means version 0, never "unchecked"
         self.dtype = first.w13.dtype
@@ -138,9 +147,11 @@ class ExpertServer:
                                  f"split with version {req.placement_version}; refresh the placement")
         hidden_states, local_ids, topk_weights = self._check(req, layers)
         held = layers[req.layer]
-        partial = grouped_swiglu(hidden_states, local_ids.long(), topk_weights, held.w13, held.w2)  # [T_g, H] fp32
+        up = self.staging.to_device
+        partial = self.compute(up("hidden_states", hidden_states), up("local_ids", local_ids, torch.long),
+                               up("topk_weights", topk_weights), held)  # [T_g, H] fp32
         reply = pb.ForwardReply(request_id=req.request_id)
-        tensor_to_proto(partial, reply.partial)
+        tensor_to_proto(self.staging.to_host("partial", partial), reply.partial)
         reply.compute_s = time.perf_counter() - start
         self.load.record(reply.compute_s, hidden_states.shape[0])
         return reply.SerializeToString()

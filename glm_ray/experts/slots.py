@@ -58,7 +58,7 @@ class LayerBuild:
     def result(self) -> ExpertWeights:
         if self.done != len(self.want):
             raise RuntimeError(f"layer build at {self.done} of {len(self.want)} experts")
-        return ExpertWeights(self.want, self.w13, self.w2, num_experts=self.num_experts)
+        return ExpertWeights(self.want, self.w13, self.w2, num_experts=self.num_experts).to_slots_on(self.w13.device)
 
 
 def assemble_layer(old: ExpertWeights, loaded: ExpertWeights | None, want: Sequence[int]) -> ExpertWeights:

@@ -38,14 +38,17 @@ class CheckpointError(ValueError):
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def resolve_dtype(dtype: str | torch.dtype, config: ModelConfig, native_bf16: bool | None = None) -> torch.dtype:
+def resolve_dtype(dtype: str | torch.dtype, config: ModelConfig, native_bf16: bool | None = None,
+                  device: torch.device | str = "cpu") -> torch.dtype:
     """`auto` is the checkpoint's dtype, except bf16 on a CPU without native bf16 matrix
     instructions, where fp32 is ~3x faster (glm_ray/model/cpu.py): the weights are upcast at load.
-    An explicit dtype is taken as given."""
+    On a GPU `auto` is the checkpoint's dtype. An explicit dtype is taken as given."""
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype == "auto":
         want = DTYPES[config.torch_dtype]
+        if torch.device(device).type != "cpu":
+            return want
         if native_bf16 is None:
             from glm_ray.model.cpu import this_cpu_has_native_bf16
 
@@ -165,12 +168,15 @@ def load_weights(
     dense: bool = True,
     expert_ids: list[int] | range | None = None,
     progress: bool | None = None,
+    device: torch.device | str = "cpu",
 ) -> LoadedWeights:
     """Read a checkpoint. `dense=False` skips every non-expert tensor; `expert_ids` (None = all)
-    chooses which routed experts to read, the same ids in every MoE layer."""
+    chooses which routed experts to read, the same ids in every MoE layer. Tensors land on
+    `device` one at a time (no second host copy of the model)."""
     model_dir = Path(model_dir)
     config = config or load_model_config(model_dir)
-    dt = resolve_dtype(dtype, config)
+    device = torch.device(device)
+    dt = resolve_dtype(dtype, config, device=device)
     reader = _Reader(model_dir)
     targets, mtp = _plan(reader, config, model_dir)
     ids = list(range(config.n_routed_experts)) if expert_ids is None else sorted(set(expert_ids))
@@ -185,7 +191,8 @@ def load_weights(
     out: dict[str, torch.Tensor] = {}
     h, i = config.hidden_size, config.moe_intermediate_size
     slot = {e: s for s, e in enumerate(ids)}
-    stacks = {layer: (torch.empty(len(ids), 2 * i, h, dtype=dt), torch.empty(len(ids), h, i, dtype=dt))
+    stacks = {layer: (torch.empty(len(ids), 2 * i, h, dtype=dt, device=device),
+                      torch.empty(len(ids), h, i, dtype=dt, device=device))
               for layer in config.moe_layers}
     nbytes = sum(torch.Size(checkpoint_shape(t, config)).numel() for _, t in todo) * dt.itemsize
     show = progress if progress is not None else (nbytes >= PROGRESS_MIN_BYTES)
@@ -203,12 +210,13 @@ def load_weights(
         target_dtype = torch.float32 if keep_fp32 else dt
         fused = shapes[t.name]
         if t.part is None:
-            out[t.name] = tensor.to(target_dtype)
+            out[t.name] = tensor.to(device=device, dtype=target_dtype)
         else:
-            buf = out.setdefault(t.name, torch.empty(fused, dtype=target_dtype))
+            buf = out.setdefault(t.name, torch.empty(fused, dtype=target_dtype, device=device))
             start, stop = part_rows(fused[0], t.part, config)
             buf[start:stop].copy_(tensor)
-    experts = {layer: ExpertWeights(ids, w13, w2, config.n_routed_experts) for layer, (w13, w2) in stacks.items()}
+    experts = {layer: ExpertWeights(ids, w13, w2, config.n_routed_experts).to_slots_on(device)
+               for layer, (w13, w2) in stacks.items()}
     return LoadedWeights(out, experts, mtp, reader.read)
 
 
@@ -217,9 +225,10 @@ class ExpertReader:
     tensors: for a serving replica building new slots (experts/slots.py), which must not spend
     the Python time of `load_weights`' whole-checkpoint plan while it serves."""
 
-    def __init__(self, model_dir: str | Path, config: ModelConfig, dtype: str | torch.dtype = "auto"):
+    def __init__(self, model_dir: str | Path, config: ModelConfig, dtype: str | torch.dtype = "auto",
+                 device: torch.device | str = "cpu"):
         self.model_dir, self.config = Path(model_dir), config
-        self.dtype = resolve_dtype(dtype, config)
+        self.dtype = resolve_dtype(dtype, config, device=device)
         self.reader = _Reader(self.model_dir)
 
     def read_into(self, layer: int, expert: int, w13: torch.Tensor, w2: torch.Tensor) -> None:
@@ -243,16 +252,19 @@ class ExpertReader:
 
 
 def load_model(model_dir: str | Path, *, dtype: str | torch.dtype = "auto", progress: bool | None = None,
-               with_experts: bool = True):
-    """(Glm4MoeModel, LocalExperts or None, ModelConfig). `with_experts=False` reads no routed-expert
-    tensor (an attention replica, whose experts are remote)."""
+               with_experts: bool = True, device: torch.device | str = "cpu", expert_backend: str = "auto"):
+    """(Glm4MoeModel, LocalExperts or None, ModelConfig), on `device`. `with_experts=False` reads no
+    routed-expert tensor (an attention replica, whose experts are remote)."""
+    from glm_ray.experts.compute import select_compute
     from glm_ray.model.glm4_moe import Glm4MoeModel
 
     config = load_model_config(model_dir)
+    device = torch.device(device)
+    compute = select_compute(expert_backend, device) if with_experts else None  # a bad choice fails before loading
     weights = load_weights(model_dir, config, dtype=dtype, progress=progress,
-                           expert_ids=None if with_experts else [])
+                           expert_ids=None if with_experts else [], device=device)
     with torch.device("meta"):
         model = Glm4MoeModel(config)
     model.load_state_dict(weights.dense, strict=True, assign=True)
-    model.rotary = type(model.rotary)(config.rotary_dim, config.rope_theta)  # rebuild the buffer off meta
-    return model.eval(), (LocalExperts(weights.experts) if with_experts else None), config
+    model.rotary = type(model.rotary)(config.rotary_dim, config.rope_theta).to(device)  # rebuilt off meta
+    return model.eval(), (LocalExperts(weights.experts, compute) if with_experts else None), config

@@ -18,8 +18,9 @@ def prompt_logits(model: Glm4MoeModel, experts: ExpertBackend, prompts: list[lis
     cache = DenseKVCache()
     lens = [len(p) for p in prompts]
     cache.begin_step(list(range(len(prompts))), lens)
-    ids = torch.tensor([t for p in prompts for t in p], dtype=torch.long)
-    positions = torch.cat([torch.arange(n) for n in lens])
+    device = model.embed_tokens.weight.device
+    ids = torch.tensor([t for p in prompts for t in p], dtype=torch.long, device=device)
+    positions = torch.cat([torch.arange(n) for n in lens]).to(device)
     return list(model.compute_logits(model(ids, positions, cache, experts)).split(lens))
 
 
@@ -39,12 +40,13 @@ def greedy_generate(
     step_ids = [list(p) for p in prompts]
     lengths = [0] * len(prompts)
     eos = set(eos_token_ids)
+    device = model.embed_tokens.weight.device
     while live and max_new_tokens > 0:
         cache.begin_step(live, [len(step_ids[i]) for i in live])
-        ids = torch.tensor([t for i in live for t in step_ids[i]], dtype=torch.long)
-        positions = torch.cat([torch.arange(lengths[i], lengths[i] + len(step_ids[i])) for i in live])
+        ids = torch.tensor([t for i in live for t in step_ids[i]], dtype=torch.long, device=device)
+        positions = torch.cat([torch.arange(lengths[i], lengths[i] + len(step_ids[i])) for i in live]).to(device)
         hidden = model(ids, positions, cache, experts)
-        last = torch.tensor([len(step_ids[i]) for i in live]).cumsum(0) - 1
+        last = (torch.tensor([len(step_ids[i]) for i in live]).cumsum(0) - 1).to(device)
         next_ids = model.compute_logits(hidden[last]).argmax(dim=-1).tolist()
         still = []
         for i, tok in zip(live, next_ids):

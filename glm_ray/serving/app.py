@@ -83,8 +83,9 @@ def build_app(config: ServeConfig | dict) -> Application:
             model_dir, g, placement.experts_of(g), cfg.dtype, router, cfg.expert_host, cfg.heartbeat_interval_s,
             cfg.threads_for(cfg.expert_resources), dispatch_auth=auth,
             look_back_s=scaling.look_back_s if scaling else 10.0, drain_wait_s=drain_wait_s,
-            stop_grace_s=stop_grace_s))
-    engine_options = dict(dtype=cfg.dtype, kv_cache_memory=cfg.kv_cache_memory, max_num_seqs=cfg.max_num_seqs,
+            stop_grace_s=stop_grace_s, device=cfg.device, expert_backend=cfg.expert_backend))
+    engine_options = dict(dtype=cfg.dtype, device=cfg.device, expert_backend=cfg.expert_backend,
+                          kv_cache_memory=cfg.kv_cache_memory, max_num_seqs=cfg.max_num_seqs,
                           max_num_batched_tokens=cfg.max_num_batched_tokens, max_model_len=cfg.max_model_len,
                           microbatches=cfg.microbatches)
     attention_replicas = (

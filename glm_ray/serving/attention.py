@@ -23,6 +23,8 @@ from glm_ray.experts.auth import DispatchAuth
 from glm_ray.experts.backend import ExpertBackend
 from glm_ray.experts.policy import PowerOfTwoChoices
 from glm_ray.config import load_model_config
+from glm_ray.device import ray_gpus_assigned, resolve_device
+from glm_ray.experts.compute import select_compute
 from glm_ray.experts.local import LocalExperts
 from glm_ray.experts.remote import EventLoopThread, RemoteExperts
 from glm_ray.model.loader import load_weights
@@ -158,9 +160,13 @@ class AttentionReplica:
         # OpenMP team sharing its cores stalls at every barrier a preempted worker misses; vLLM's
         # CPU backend reserves one core the same way)
         num_threads = num_threads or max(1, len(os.sched_getaffinity(0)) - 1)
+        # a GPU if this replica reserved one (num_gpus); the engine gets the device by name
+        device = resolve_device(engine_options.get("device", "auto"), gpus_assigned=ray_gpus_assigned())
+        engine_options = {**engine_options, "device": str(device)}
         if placement is None:
-            weights = load_weights(model_dir, dtype=engine_options.get("dtype", "auto"), dense=False)
-            self.experts, workers, engine_threads = LocalExperts(weights.experts), 1, num_threads
+            compute = select_compute(engine_options.get("expert_backend", "auto"), device)
+            weights = load_weights(model_dir, dtype=engine_options.get("dtype", "auto"), dense=False, device=device)
+            self.experts, workers, engine_threads = LocalExperts(weights.experts, compute), 1, num_threads
             num_experts = load_model_config(model_dir).n_routed_experts
         else:
             engine_threads = 1
@@ -169,8 +175,9 @@ class AttentionReplica:
             current = self.snapshots.placement
             table = Placement.from_dict(current if current and current.get("groups") else placement)
             self.experts = RemoteExperts(table, self.snapshots, policy=PowerOfTwoChoices(),
-                                         unavailable_wait_s=expert_wait_s, auth=auth)
-            workers, num_experts = num_threads, table.num_experts
+                                         unavailable_wait_s=expert_wait_s, auth=auth, device=device)
+            # attention workers share CPU cores; on a GPU the kernels queue on one stream anyway
+            workers, num_experts = (num_threads if device.type == "cpu" else 1), table.num_experts
             self.snapshots.on_placement = self._placement_published
         self.counter = RoutingCounter(self.experts, num_experts)
         self.snapshots.report = self.counter.take_report

@@ -84,7 +84,14 @@ class ServeConfig(BaseModel):
     rebalance_interval_s: float = Field(60.0, gt=0, description="how often the router checks the threshold")
     rebalance_timeout_s: float = Field(600.0, gt=0, description="a new placement version not loaded by every "
                                        "expert replica within this long is abandoned (the old one stays in force)")
-    dtype: Literal["auto", "float32", "bfloat16"] = Field("auto", description="compute dtype")
+    dtype: Literal["auto", "float32", "bfloat16"] = Field("auto", description="compute dtype: auto is the "
+                                                         "checkpoint's (on a CPU without native bf16, float32)")
+    device: str = Field("auto", description="where attention and expert replicas compute: auto (a GPU when the "
+                        "replica reserved one with num_gpus, else CPU), cpu, cuda or cuda:N")
+    expert_backend: Literal["auto", "cpu-kernel", "torch", "deepspeed"] = Field(
+        "auto", description="routed-expert compute: auto (GPU: deepspeed when its kernels load, else torch with a "
+        "warning; CPU: cpu-kernel), cpu-kernel (CPU only), torch (grouped GEMM, CPU or GPU), deepspeed (DeepSpeed "
+        "inference-v2 MoE kernels, GPU only: fails at start-up naming the kernel that cannot load)")
 
     host: str = Field("127.0.0.1", description="HTTP bind address")
     http_port: int = Field(8000, ge=0, le=65535, description="HTTP port of the ingress")
@@ -151,6 +158,13 @@ class ServeConfig(BaseModel):
     ingress_resources: Resources = Field(default_factory=lambda: Resources(num_cpus=0.1),
                                          description="the ingress (HTTP app, gRPC service, tokenizer)")
     graceful_shutdown_timeout_s: float = Field(5.0, ge=0, description="Serve's drain limit per replica")
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v):
+        from glm_ray.device import check_device
+
+        return check_device(v)
 
     @field_validator("expert_replicas")
     @classmethod

@@ -37,6 +37,8 @@ from ray import serve
 from glm_ray.config import load_model_config
 from glm_ray.engine.memory import retain_freed_memory
 from glm_ray.experts.auth import DispatchAuth
+from glm_ray.device import ray_gpus_assigned, resolve_device
+from glm_ray.experts.compute import select_compute
 from glm_ray.experts.drain import drain
 from glm_ray.experts.remote import EventLoopThread
 from glm_ray.experts.server import ExpertServer
@@ -53,7 +55,7 @@ class ExpertGroup:
     async def __init__(self, model_dir: str, group: int, expert_ids: list[int], dtype: str, router,
                        bind_host: str = "127.0.0.1", heartbeat_interval_s: float = 0.5, num_threads: int = 1,
                        dispatch_auth: dict | None = None, *, look_back_s: float = 10.0, drain_wait_s: float = 2.5,
-                       stop_grace_s: float = 2.0):
+                       stop_grace_s: float = 2.0, device: str = "auto", expert_backend: str = "auto"):
         auth = DispatchAuth.from_dict(dispatch_auth) if dispatch_auth else None
         if auth is not None:
             auth.server_credentials()  # a bad TLS file fails now, not after loading the weights
@@ -66,11 +68,16 @@ class ExpertGroup:
         self.config = config = load_model_config(model_dir)
         in_force = await self.router.placement_in_force.remote(group)  # a rebalance may have moved the slots
         self.expert_ids = list(in_force["expert_ids"])
+        # a GPU if this replica reserved one (num_gpus); a backend that cannot run fails before loading
+        self.device = resolve_device(device, gpus_assigned=ray_gpus_assigned())
+        compute = select_compute(expert_backend, self.device)
         weights = await asyncio.to_thread(load_weights, model_dir, config, dtype=dtype, dense=False,
-                                          expert_ids=self.expert_ids)
+                                          expert_ids=self.expert_ids, device=self.device)
         self.read_names = weights.read_names
         self.server = ExpertServer(weights.experts, group, placement_version=in_force["version"], auth=auth,
-                                   load_window_s=look_back_s, num_threads=num_threads)
+                                   load_window_s=look_back_s, num_threads=num_threads, compute=compute)
+        log.info("expert group %d on %s, expert backend %s%s", group, self.device, compute.name,
+                 f" ({compute.note})" if compute.note else "")
         self._building: asyncio.Task | None = None  # a version's slots being built
         self._failure: dict | None = None  # the last version that could not be built, told to the router once
         self._built: dict | None = None  # the last version built and its seconds, told to the router once
@@ -132,7 +139,7 @@ class ExpertGroup:
 
         try:
             held = self.server.layers
-            reader = ExpertReader(self.model_dir, self.config, self.dtype) if missing(held, expert_ids) else None
+            reader = ExpertReader(self.model_dir, self.config, self.dtype, self.device) if missing(held, expert_ids) else None
             layers, longest = {}, 0.0
             for layer, old in held.items():  # one expert at a time, between the requests served
                 read = functools.partial(reader.read_into, layer) if reader else None
