@@ -28,6 +28,7 @@ from typing import Protocol
 from glm_ray.engine.config import EngineOptions
 from glm_ray.engine.llm_engine import LLMEngine
 from glm_ray.engine.outputs import RequestDelta
+from glm_ray.engine.request import Resume
 from glm_ray.engine.sampling_params import SamplingParams
 from glm_ray.experts.backend import ExpertBackend
 
@@ -69,12 +70,14 @@ class AsyncLLMEngine:
         return self.engine.tokenizer
 
     async def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                       prompt: str | None = None, whole: bool = False) -> AsyncIterator[RequestDelta]:
+                       prompt: str | None = None, whole: bool = False,
+                       resume: Resume | None = None) -> AsyncIterator[RequestDelta]:
         """Stream the request's deltas; the last one has a finish_reason. Invalid requests raise
         ValueError before anything is streamed. Leaving the iterator early aborts the request.
         `whole`: yield one delta, the finished request, for clients that do not stream: the step
-        loop keeps the deltas and hands over only that one (one wake-up instead of one a token)."""
-        self.engine.validate(prompt_token_ids, params)
+        loop keeps the deltas and hands over only that one (one wake-up instead of one a token).
+        `resume`: continue a request another engine started (engine/request.py)."""
+        self.engine.validate(prompt_token_ids, params, resume)
         if self._stopped:
             raise EngineDeadError("the engine is shut down")
         stream: asyncio.Queue = asyncio.Queue()
@@ -82,7 +85,7 @@ class AsyncLLMEngine:
             if request_id in self._streams:
                 raise ValueError(f"request id {request_id!r} is already running")
             self._streams[request_id] = (asyncio.get_running_loop(), stream, [] if whole else None)
-        self._commands.put(("add", request_id, prompt_token_ids, params, prompt))
+        self._commands.put(("add", request_id, prompt_token_ids, params, prompt, resume))
         self._wake.set()
         finished = False
         try:
@@ -104,17 +107,18 @@ class AsyncLLMEngine:
                 self.abort(request_id)
 
     def submit(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, sink: DeltaSink,
-               prompt: str | None = None, whole: bool = False) -> None:
+               prompt: str | None = None, whole: bool = False, resume: Resume | None = None) -> None:
         """Add a request whose deltas go to `sink` (batched per step with the sink's other requests);
-        `whole`: only the finished request, as one delta. Raises ValueError for an invalid request."""
-        self.engine.validate(prompt_token_ids, params)
+        `whole`: only the finished request, as one delta; `resume`: as in `generate`. Raises
+        ValueError for an invalid request."""
+        self.engine.validate(prompt_token_ids, params, resume)
         if self._stopped:
             raise EngineDeadError("the engine is shut down")
         with self._lock:
             if request_id in self._streams:
                 raise ValueError(f"request id {request_id!r} is already running")
             self._streams[request_id] = (None, sink, [] if whole else None)
-        self._commands.put(("add", request_id, prompt_token_ids, params, prompt))
+        self._commands.put(("add", request_id, prompt_token_ids, params, prompt, resume))
         self._wake.set()
 
     def abort(self, request_id: str) -> None:
@@ -165,13 +169,13 @@ class AsyncLLMEngine:
             if cmd[0] == "abort":
                 self.engine.abort(cmd[1])
                 continue
-            _, request_id, ids, params, prompt = cmd
+            _, request_id, ids, params, prompt, resume = cmd
             with self._lock:
                 wanted = request_id in self._streams  # aborted before it was added
             if not wanted:
                 continue
             try:
-                self.engine.add_request(request_id, ids, params, prompt)
+                self.engine.add_request(request_id, ids, params, prompt, resume)
             except ValueError as e:
                 self._deliver(request_id, e)
 

@@ -20,7 +20,7 @@ from glm_ray.engine.kv_cache import PagedKVCache, kv_bytes_per_token
 from glm_ray.engine.memory import retain_freed_memory
 from glm_ray.engine.model_runner import ModelRunner
 from glm_ray.engine.outputs import RequestDelta
-from glm_ray.engine.request import Request
+from glm_ray.engine.request import Request, Resume
 from glm_ray.engine.sampler import Sampler, prompt_logprobs
 from glm_ray.engine.sampling_params import SamplingParams
 from glm_ray.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
@@ -63,17 +63,18 @@ class LLMEngine:
     # --- requests -------------------------------------------------------------------------------
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                    prompt: str | None = None) -> Request:
-        self.validate(prompt_token_ids, params)
+                    prompt: str | None = None, resume: Resume | None = None) -> Request:
+        """`resume`: continue a request another engine started (engine/request.py, Resume)."""
+        self.validate(prompt_token_ids, params, resume)
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already running")
         req = Request(request_id, prompt_token_ids, params, self.tokenizer, self.model_config.eos_token_ids, prompt,
-                      device=self.device)
+                      device=self.device, resume=resume)
         self.scheduler.add(req.seq)
         self.requests[request_id] = req
         return req
 
-    def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+    def validate(self, prompt_token_ids: list[int], params: SamplingParams, resume: Resume | None = None) -> None:
         """Raise ValueError naming the limit a request breaks."""
         if not prompt_token_ids:
             raise ValueError("the prompt is empty: pass at least one token")
@@ -88,6 +89,13 @@ class LLMEngine:
         if total > self.limits.max_model_len:
             raise ValueError(f"prompt ({len(prompt_token_ids)} tokens) + max_tokens ({params.max_tokens}) = {total} "
                              f"exceeds max_model_len {self.limits.max_model_len}")
+        if resume is not None:
+            if len(resume.token_ids) >= params.max_tokens:
+                raise ValueError(f"resume: {len(resume.token_ids)} tokens already generated leave none of "
+                                 f"max_tokens {params.max_tokens}")
+            bad = [t for t in resume.token_ids if not 0 <= t < vocab]
+            if bad:
+                raise ValueError(f"resume token id {bad[0]!r} is outside the vocabulary [0, {vocab})")
 
     def abort(self, request_id: str) -> bool:
         req = self.requests.pop(request_id, None)

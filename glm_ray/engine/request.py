@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 import torch
 
@@ -14,9 +15,36 @@ from glm_ray.engine.stop import check_stop, num_held_back_chars
 from glm_ray.tokenizer import IncrementalDetokenizer
 
 
+@dataclass(frozen=True)
+class Resume:
+    """A request continued on this engine after the one generating it was lost
+    (serving/attention_links.py): the output tokens its client already has, and how many
+    characters of text those made there. The engine computes prompt + these tokens in its first
+    step and goes on from the next position, so outputs continue as if nothing happened: greedy
+    exactly, seeded sampling too (draws depend on the seed and the position, engine/sampler.py).
+    Prompt logprobs, sent with the first token, are not sent again; logprobs and the cumulative
+    logprob cover the new tokens."""
+
+    token_ids: tuple[int, ...]
+    num_sent_chars: int
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Resume:
+        ids, sent = data.get("token_ids"), data.get("num_sent_chars")
+        if not isinstance(ids, (list, tuple)) or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
+            raise ValueError(f"resume.token_ids must be a list of integers, got {ids!r}")
+        if not isinstance(sent, int) or isinstance(sent, bool) or sent < 0:
+            raise ValueError(f"resume.num_sent_chars must be an integer >= 0, got {sent!r}")
+        return cls(tuple(ids), sent)
+
+    def to_dict(self) -> dict:
+        return {"token_ids": list(self.token_ids), "num_sent_chars": self.num_sent_chars}
+
+
 class Request:
     def __init__(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, tokenizer,
-                 eos_token_ids, prompt: str | None = None, device: torch.device | str = "cpu"):
+                 eos_token_ids, prompt: str | None = None, device: torch.device | str = "cpu",
+                 resume: Resume | None = None):
         self.request_id = request_id
         self.prompt = prompt
         self.sampling_params = params
@@ -36,6 +64,13 @@ class Request:
         self.finish_reason: str | None = None
         self.stop_reason: int | str | None = None
         self.metrics = RequestMetrics(arrival_time=time.monotonic())
+        self.resumed = resume is not None
+        if resume is not None:
+            self.seq.cache_prefix = True
+            self.seq.token_ids.extend(resume.token_ids)  # outputs, computed again with the prompt
+            for token_id in resume.token_ids:
+                self.text += self.detokenizer.add(token_id)
+            self.num_sent_chars = min(resume.num_sent_chars, len(self.text))
 
     # the sampler's view (SamplingRow)
     @property
@@ -48,7 +83,7 @@ class Request:
 
     @property
     def wants_prompt_logprobs(self) -> bool:
-        return self.sampling_params.prompt_logprobs is not None and self.prompt_logprobs is None
+        return self.sampling_params.prompt_logprobs is not None and self.prompt_logprobs is None and not self.resumed
 
     def add_token(self, token_id: int, logprobs: TokenLogprobs | None, length_finished: bool) -> RequestDelta:
         """Record a sampled token (already appended to the sequence) and decide whether to stop."""

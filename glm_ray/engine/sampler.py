@@ -8,7 +8,9 @@ frequency penalties, temperature, top-k, top-p, min-p, then the draw. Logprobs a
 from the raw logits, before any of that (vLLM's default "raw_logprobs").
 
 Each request may carry its own torch.Generator (from its seed); its noise is drawn from that
-generator alone, so a seeded request gives the same tokens whatever else shares the batch.
+generator alone, reseeded for each position from (seed, position), so a seeded request gives the
+same tokens whatever else shares the batch, and whichever engine draws a given position: a
+request resumed on another replica after the first was lost goes on with the same draws.
 """
 from __future__ import annotations
 
@@ -65,6 +67,15 @@ def make_generator(seed: int | None, device: torch.device | str = "cpu") -> torc
     generator = torch.Generator(device=device)
     generator.manual_seed(seed)
     return generator
+
+
+def position_seed(seed: int, position: int) -> int:
+    """The generator seed for drawing output token `position` of a request seeded with `seed`:
+    splitmix64 of the pair, so neighbouring seeds and positions give unrelated streams."""
+    z = (seed * 0x9E3779B97F4A7C15 + (position + 1) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+    return (z ^ (z >> 31)) & 0x7FFFFFFFFFFFFFFF  # manual_seed takes a signed 64-bit value
 
 
 def _token_counts(token_ids: list[Sequence[int]], vocab_size: int,
@@ -272,6 +283,7 @@ class Sampler:
                                               ).exponential_(generator=self.generator)
             for i, row in enumerate(rows):
                 if row.generator is not None and not row.sampling_params.is_greedy:
+                    row.generator.manual_seed(position_seed(row.sampling_params.seed, len(row.output_token_ids)))
                     noise[i].exponential_(generator=row.generator)
         # exponential_ may return exactly 0; keep p / E finite and p = 0 tokens at 0.
         noise.clamp_(min=torch.finfo(probs.dtype).tiny)

@@ -18,6 +18,7 @@ import grpc
 
 from glm_ray.engine.async_engine import AsyncLLMEngine, EngineDeadError
 from glm_ray.engine.outputs import RequestDelta
+from glm_ray.engine.request import Resume
 from glm_ray.engine.sampling_params import SamplingParams
 from glm_ray.experts.auth import DispatchAuth
 from glm_ray.serving import channel_wire as wire
@@ -65,13 +66,15 @@ class AttentionChannelServer:
         return f"{host}:{bound}"
 
     async def fail_all(self, message: str) -> int:
-        """End every running request with a retryable-by-the-client error (the drain limit ran out)."""
+        """Stop every running request (the drain limit ran out): the ingress resumes a streamed
+        one on another replica, else the client gets a retryable error."""
         ids = list(self._running)
         for request_id in ids:
             self.engine.abort(request_id)
             outbox = self._running.pop(request_id, None)
             if outbox is not None:
-                outbox.put_nowait(("error", wire.error(request_id, wire.UNAVAILABLE, message, retry=False)))
+                outbox.put_nowait(("error", wire.error(request_id, wire.UNAVAILABLE, message, retry=False,
+                                                       resumable=True)))
         return len(ids)
 
     async def stop(self, grace_s: float = 1.0) -> None:
@@ -156,11 +159,12 @@ class AttentionChannelServer:
             return
         try:
             params = SamplingParams(**(request.get("sampling_params") or {}))
+            resume = Resume.from_dict(request["resume"]) if request.get("resume") else None
             mine.add(request_id)
             self._running[request_id] = outbox
             self.engine.submit(request_id, list(request["prompt_token_ids"]), params, sink, request.get("prompt"),
-                               whole=request.get("stream") is False)
-        except (ValueError, TypeError, KeyError) as e:
+                               whole=request.get("stream") is False, resume=resume)
+        except (ValueError, TypeError, KeyError, AttributeError) as e:
             self._finish(request_id, mine)
             outbox.put_nowait(("error", wire.error(request_id, wire.BAD_REQUEST, str(e), retry=False)))
         except EngineDeadError as e:

@@ -4,9 +4,15 @@ attention replica, shared by every request this ingress replica sends there.
 A request goes to the replica with the fewest of this ingress's requests in flight; its deltas
 come back on that replica's stream, several requests' in one message. Leaving the iterator early
 (the client went away) sends an abort. A request refused before it produced anything (the replica
-is draining, its engine is down, its stream broke) is sent to another replica; one cut after it
-produced tokens fails with a retryable error (503). The table of replicas (replica id -> address)
-comes from the router, re-read every `refresh_s`. Runs on the ingress's event loop.
+is draining, its engine is down, its stream broke) is sent to another replica. A streamed request
+cut after it produced tokens (its replica was lost, or ran out of drain time) is resumed on
+another one: the ingress keeps the token ids it has passed on and the length of their text, and
+sends the request again with them (`resume`, engine/request.py); that replica computes prompt +
+those tokens and goes on from the next position, so the client reads one continuous stream (no
+token twice or missing, usage counted once by the engine that finishes it). Greedy outputs are
+those of an undisturbed run, seeded sampling's too; an unseeded sampled request continues with
+other draws. The table of replicas (replica id -> address) comes from the router, re-read every
+`refresh_s`. Runs on the ingress's event loop.
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ from glm_ray.serving import channel_wire as wire
 from glm_ray.serving.protocol import merge_delta_dicts
 
 log = logging.getLogger(__name__)
-MAX_ATTEMPTS = 4
+MAX_ATTEMPTS = 4  # replicas one request may be sent to, resumes included
 
 
 class AttentionUnavailable(RuntimeError):
@@ -102,6 +108,7 @@ class AttentionLinks:
         self._links: dict[str, _Link] = {}
         self._avoid: dict[str, float] = {}  # address -> until when (draining, broken)
         self._refresher: asyncio.Task | None = None
+        self.resumed = 0  # requests continued on another replica (glm_ray_requests_resumed_total)
 
     # -- the table ------------------------------------------------------------------------------
 
@@ -155,6 +162,8 @@ class AttentionLinks:
         request_id = request["request_id"]
         tried: set[str] = set()
         last_error = ""
+        delivered: list[int] = []  # output token ids passed on to the caller, for a resume
+        sent_chars = 0  # ...and the characters of text they made
         for _attempt in range(MAX_ATTEMPTS):
             try:
                 link = await self._pick(tried)
@@ -184,6 +193,8 @@ class AttentionLinks:
                             item, pending = merge_delta_dicts(item, pending[1]), None
                         produced = True
                         finished = item["finish_reason"] is not None
+                        delivered += item["token_ids"]
+                        sent_chars += len(item["text"])
                         yield item
                         if finished:
                             return
@@ -195,6 +206,10 @@ class AttentionLinks:
                         if item["retry"] and not produced:
                             self._avoid[link.address] = time.monotonic() + self.refresh_s * 3
                             break  # to another replica
+                        if item.get("resumable") and delivered:  # the replica gave up on it mid-way
+                            last_error = item["message"]
+                            request = self._resumed(request, delivered, sent_chars, link.address, item["message"])
+                            break
                         raise AttentionUnavailable(f"attention replica {link.address}: {item['message']}; retry "
                                                    "the request")
                     # lost: the stream broke
@@ -205,15 +220,21 @@ class AttentionLinks:
                                                    "The cluster secrets differ: deploy every replica with the same "
                                                    "cluster_secret")
                     self._avoid[link.address] = time.monotonic() + 5.0
-                    if produced:
-                        raise AttentionUnavailable(f"attention replica {link.address} was lost mid-generation "
-                                                   f"({item}); retry the request")
-                    break  # nothing produced: send it elsewhere
+                    if delivered:  # go on elsewhere from the last token passed on
+                        request = self._resumed(request, delivered, sent_chars, link.address, item)
+                    break  # nothing produced: send it elsewhere as it is
             finally:
                 link.queues.pop(request_id, None)
                 if not finished and link.broken is None:  # the client went away: free the replica's work
                     link.send(wire.abort(request_id))
         raise AttentionUnavailable(f"no attention replica could take the request (tried {', '.join(sorted(tried))})")
+
+    def _resumed(self, request: dict, delivered: list[int], sent_chars: int, address: str, why: str) -> dict:
+        """The request to send elsewhere, to continue after the `delivered` tokens."""
+        self.resumed += 1
+        log.warning("attention replica %s lost request %s after %d tokens (%s): resuming it on another replica",
+                    address, request["request_id"], len(delivered), why)
+        return {**request, "resume": {"token_ids": list(delivered), "num_sent_chars": sent_chars}}
 
     async def close(self) -> None:
         if self._refresher is not None:

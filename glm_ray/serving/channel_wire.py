@@ -41,9 +41,11 @@ def decode_command(data: bytes) -> dict:
     raise ValueError("a channel message is {op: submit, request: {request_id, ...}} or {op: abort, request_id}")
 
 
-def error(request_id: str, code: int, message: str, retry: bool) -> dict:
-    """`retry`: nothing of the request was produced, so it may be sent again to another replica."""
-    return {"request_id": request_id, "code": code, "message": message, "retry": retry}
+def error(request_id: str, code: int, message: str, retry: bool, resumable: bool = False) -> dict:
+    """`retry`: nothing of the request was produced, so it may be sent again to another replica;
+    `resumable`: it was stopped for a reason of this replica's own (its drain time ran out), so
+    another replica may continue it from the tokens already sent (attention_links.py)."""
+    return {"request_id": request_id, "code": code, "message": message, "retry": retry, "resumable": resumable}
 
 
 def replies(deltas: list[dict], errors: list[dict]) -> bytes:

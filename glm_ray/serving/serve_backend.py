@@ -86,7 +86,7 @@ class ServeBackend:
                 "attention": {r: a for r, a in attention.items() if r},
                 "replicas": {g: len(a) for g, a in status["replicas"].items()}, "routed_tokens": routed,
                 "groups": status.get("groups") or {}, "balancedness": status.get("balancedness") or {},
-                "rebalance": status.get("rebalance"),
+                "rebalance": status.get("rebalance"), "resumed": self.links.resumed,
                 "deployments": await asyncio.to_thread(deployment_states)}
 
 

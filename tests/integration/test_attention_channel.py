@@ -1,9 +1,12 @@
 """The ingress <-> attention replica channel over real gRPC on 127.0.0.1 (no Ray): outputs equal
 `LLM`'s, a step's deltas of many requests travel as one message, a client that leaves aborts its
-request and frees its KV blocks, a draining replica's requests go elsewhere, the drain limit ends
-a generation with a retryable error, and a caller without the cluster secret gets nothing."""
+request and frees its KV blocks, a draining replica's requests go elsewhere, streams of a replica
+that is lost or reaches its drain limit resume on another (token-identical, greedy and seeded),
+with no other replica the drain limit ends a generation with a retryable error, and a caller
+without the cluster secret gets nothing."""
 
 import asyncio
+import time
 
 import pytest
 
@@ -131,15 +134,15 @@ def test_a_draining_replica_hands_new_requests_to_another(replicas, reference):
     assert other.server.num_messages > served_before
 
 
-def test_the_drain_limit_ends_a_generation_with_a_retryable_error(replicas):
+def test_the_drain_limit_with_no_other_replica_ends_a_generation_with_a_retryable_error(replicas):
     one = replicas[0]
 
     async def main():
-        links = links_to(one)
+        links = links_to(one, wait_s=1.0)
         stream = links.generate(request(2, [8] * 10, 400))
         first = await stream.__anext__()
         one.loop.run(one.server.fail_all("the replica stopped at its drain limit"), timeout=10)
-        with pytest.raises(AttentionUnavailable, match="drain limit.*retry"):
+        with pytest.raises(AttentionUnavailable, match="no attention replica took the request.*drain limit"):
             async for _ in stream:
                 pass
         await links.close()
@@ -147,6 +150,75 @@ def test_the_drain_limit_ends_a_generation_with_a_retryable_error(replicas):
 
     assert asyncio.run(main())["token_ids"]
     assert one.server.running() == 0
+
+
+SEEDED = {"temperature": 0.9, "top_p": 0.95, "seed": 11, "max_tokens": 300, "ignore_eos": True}
+
+
+def _cut_and_resume(reference, first, second, cut):
+    """Five streams (four greedy, one seeded) start on `first` alone; after each has sent two
+    deltas, `second` joins the table and `cut(first)` ends the first's part. Each stream must
+    read on as one: the tokens of an undisturbed run, the last delta counting them all."""
+    reqs = [request(10 + i, p, 300) for i, p in enumerate(PROMPTS[:4])]
+    reqs.append({**request(20, PROMPTS[4], 300), "sampling_params": SEEDED})
+
+    async def main():
+        table = {"first": first.address}
+
+        async def source():
+            return dict(table)
+
+        links = AttentionLinks(source, DispatchAuth(secret=SECRET), refresh_s=0.2, wait_s=10.0)
+        streams = [links.generate(r) for r in reqs]
+        got, last = [[] for _ in reqs], [None] * len(reqs)
+        for i, stream in enumerate(streams):
+            for _ in range(2):
+                got[i] += (await stream.__anext__())["token_ids"]
+        at_cut = [len(g) for g in got]
+        table["second"] = second.address
+        await asyncio.to_thread(cut, first)
+        for i, stream in enumerate(streams):
+            async for d in stream:
+                got[i] += d["token_ids"]
+                last[i] = d
+        await links.close()
+        assert links.resumed == len(reqs)
+        return got, last, at_cut
+
+    got, last, at_cut = asyncio.run(main())
+    want = reference.generate([{"prompt_token_ids": r["prompt_token_ids"]} for r in reqs],
+                              [SamplingParams(temperature=0.0, max_tokens=300, ignore_eos=True)] * 4
+                              + [SamplingParams(**SEEDED)])
+    assert all(n < 300 for n in at_cut)  # every stream was cut mid-generation
+    for g, d, w in zip(got, last, want):
+        assert g == w.outputs[0].token_ids  # nothing twice, nothing missing, same tokens
+        assert d["finish_reason"] == "length" and d["num_output_tokens"] == 300
+
+
+def test_streams_of_a_lost_replica_resume_on_another(tiny_model_dir, reference):
+    first, second = Replica(tiny_model_dir), Replica(tiny_model_dir)
+    try:
+        _cut_and_resume(reference, first, second, lambda r: r.loop.run(r.server.stop(0), timeout=10))
+        assert second.server.num_messages > 0
+    finally:
+        first.close()
+        second.close()
+
+
+def test_streams_past_the_drain_limit_resume_on_another(tiny_model_dir, reference):
+    first, second = Replica(tiny_model_dir), Replica(tiny_model_dir)
+    try:
+        _cut_and_resume(reference, first, second,
+                        lambda r: r.loop.run(r.server.fail_all("the replica stopped at its drain limit"), timeout=10))
+        assert first.server.running() == 0
+        for _ in range(100):
+            if first.engine.num_running() == 0:
+                break
+            time.sleep(0.05)
+        assert first.engine.num_running() == 0  # its part was aborted there, KV freed
+    finally:
+        first.close()
+        second.close()
 
 
 def test_without_the_cluster_secret_nothing_runs(replicas):

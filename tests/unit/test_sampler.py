@@ -63,9 +63,12 @@ def test_draws_follow_softmax_of_scaled_logits():
     ids = sampler(logits.expand(n, 4), [row(temperature=0.7)] * n).sampled_token_ids
     freq = torch.bincount(ids, minlength=4).float() / n
     torch.testing.assert_close(freq, expected, atol=0.015, rtol=0)
-    # The per-request generator path draws from the same distribution.
+    # The per-request generator path draws from the same distribution, position by position.
     state = row(seed=5, temperature=0.7)
-    seeded = [int(sampler(logits[None], [state]).sampled_token_ids) for _ in range(2000)]
+    seeded = []
+    for _ in range(2000):
+        seeded.append(int(sampler(logits[None], [state]).sampled_token_ids))
+        state.output_token_ids.append(seeded[-1])
     freq = torch.bincount(torch.tensor(seeded), minlength=4).float() / 2000
     torch.testing.assert_close(freq, expected, atol=0.04, rtol=0)
 
@@ -95,6 +98,24 @@ def test_seeded_request_repeats_whatever_the_batch_around_it():
     assert alone == in_batch
     assert len(set(alone)) > 3  # a real draw, not a degenerate argmax
     assert _draws(seed=43, position=3, batch_size=8) != alone
+
+
+def test_a_seeded_draw_depends_on_seed_and_position_only():
+    """What lets another engine resume a seeded request: the draw at a position does not depend on
+    how many draws this generator made before (the engine that started the request made them)."""
+    logits = torch.randn(1, V, generator=torch.Generator().manual_seed(9))
+    used = row(seed=42, temperature=1.0)
+    for n in range(5):  # a generator that has drawn before, at other positions
+        used.output_token_ids[:] = [7] * n
+        Sampler()(logits, [used])
+    used.output_token_ids[:] = [1, 2, 3]
+    fresh = row(seed=42, temperature=1.0, output=[9, 9, 9])  # same position (3), a new generator
+    a = [int(Sampler()(logits, [used]).sampled_token_ids) for _ in range(3)]
+    b = [int(Sampler()(logits, [fresh]).sampled_token_ids) for _ in range(3)]
+    assert a == b and len(set(a)) == 1
+    positions = {int(Sampler()(logits, [row(seed=42, temperature=1.0, output=[0] * n)]).sampled_token_ids)
+                 for n in range(40)}
+    assert len(positions) > 5  # positions draw differently
 
 
 def test_repetition_penalty_divides_positive_and_multiplies_negative_seen_logits():

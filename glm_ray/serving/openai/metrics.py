@@ -47,6 +47,9 @@ class Metrics:
                                   "replica (0..1)", ["replica"], registry=r)
         self._rebalance = RebalanceCollector()
         r.register(self._rebalance)
+        self._resumed = CountCollector("glm_ray_requests_resumed", "Streams this ingress replica resumed on another "
+                                       "attention replica after theirs was lost or reached its drain limit")
+        r.register(self._resumed)
 
     def observe_tokens(self, arrival: float, last: float | None, now: float, num_tokens: int) -> None:
         """One delta carrying `num_tokens` tokens arrived at `now`; `last` is the previous one's time."""
@@ -94,12 +97,23 @@ class Metrics:
                 for state in ("running", "starting", "draining"):
                     self.deployment_replicas.labels(name, state).set(d.get(state, 0))
             self._rebalance.status = stats.get("rebalance")
+            self._resumed.value = stats.get("resumed", 0)
             self.attention_sequences.clear()
             self.attention_kv.clear()
             for replica, load in (stats.get("attention") or {}).items():
                 self.attention_sequences.labels(replica).set(load["sequences"])
                 self.attention_kv.labels(replica).set(load["kv_usage"])
         return generate_latest(self.registry)
+
+
+class CountCollector:
+    """A count something else keeps (a plain int), exposed as a Prometheus counter."""
+
+    def __init__(self, name: str, documentation: str):
+        self.name, self.documentation, self.value = name, documentation, 0
+
+    def collect(self):
+        yield CounterMetricFamily(self.name, self.documentation, value=self.value)
 
 
 class RebalanceCollector:
