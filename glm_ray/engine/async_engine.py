@@ -39,6 +39,11 @@ class EngineDeadError(RuntimeError):
     """The step loop has stopped; the request cannot complete."""
 
 
+class EngineFullError(EngineDeadError):
+    """The engine's waiting list is at `max_waiting_requests`: nothing was started, so the request
+    may go to another replica (a subclass of EngineDeadError for that reason)."""
+
+
 class DeltaSink(Protocol):
     """Where `submit`ted requests' output goes; called on the engine thread, so keep it quick."""
 
@@ -69,6 +74,13 @@ class AsyncLLMEngine:
     def tokenizer(self):
         return self.engine.tokenizer
 
+    def _check_room(self) -> None:
+        """EngineFullError when the waiting list (and what is on its way to it) is at the limit."""
+        limit = self.engine.options.max_waiting_requests
+        if limit is not None and len(self.engine.scheduler.waiting) + self._commands.qsize() >= limit:
+            raise EngineFullError(f"this engine's waiting list is full ({limit} requests, max_waiting_requests); "
+                                  "retry shortly or on another replica")
+
     async def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                        prompt: str | None = None, whole: bool = False,
                        resume: Resume | None = None) -> AsyncIterator[RequestDelta]:
@@ -80,6 +92,7 @@ class AsyncLLMEngine:
         self.engine.validate(prompt_token_ids, params, resume)
         if self._stopped:
             raise EngineDeadError("the engine is shut down")
+        self._check_room()
         stream: asyncio.Queue = asyncio.Queue()
         with self._lock:
             if request_id in self._streams:
@@ -114,6 +127,7 @@ class AsyncLLMEngine:
         self.engine.validate(prompt_token_ids, params, resume)
         if self._stopped:
             raise EngineDeadError("the engine is shut down")
+        self._check_room()
         with self._lock:
             if request_id in self._streams:
                 raise ValueError(f"request id {request_id!r} is already running")
@@ -192,8 +206,8 @@ class AsyncLLMEngine:
                 continue
             try:
                 deltas = self.engine.step()
-            except Exception as e:  # fail the running requests, keep serving new ones
-                for request_id in list(self.engine.requests):
+            except Exception as e:  # fail the step's requests; queued ones stay queued, new ones are served
+                for request_id in self.engine.running_request_ids():
                     self.engine.abort(request_id)
                     self._deliver(request_id, EngineStepError(f"engine step failed: {e!r}"))
                 continue

@@ -23,6 +23,7 @@ class EngineOptions:
     device: str = "auto"  # auto (CUDA where torch sees it), cpu, cuda, cuda:N (glm_ray/device.py)
     expert_backend: str = "auto"  # routed-expert compute: auto, cpu-kernel, torch, deepspeed (experts/compute.py)
     max_num_seqs: int = 64  # sequences running at once
+    max_waiting_requests: int | None = None  # queued beyond those, else EngineFullError (async engine); None: no limit
     max_num_batched_tokens: int = 2048  # tokens computed in one step
     max_model_len: int | None = None  # prompt + output positions; None = the model's maximum
     max_output_tokens: int | None = None  # ceiling on max_tokens; None = min(128K, max_model_len)
@@ -56,7 +57,8 @@ class EngineOptions:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-        for name in ("max_model_len", "max_output_tokens", "num_kv_blocks", "long_prefill_token_threshold"):
+        for name in ("max_model_len", "max_output_tokens", "num_kv_blocks", "long_prefill_token_threshold",
+                     "max_waiting_requests"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise ValueError(f"{name} must be None or an integer >= 1, got {value!r}")

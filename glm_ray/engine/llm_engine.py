@@ -108,6 +108,10 @@ class LLMEngine:
     def has_unfinished(self) -> bool:
         return bool(self.requests)
 
+    def running_request_ids(self) -> list[str]:
+        """Requests admitted to the running batch (holding KV blocks), not those still queued."""
+        return [seq.seq_id for seq in self.scheduler.running if seq.seq_id in self.requests]
+
     # --- one step -------------------------------------------------------------------------------
 
     def step(self) -> list[RequestDelta]:

@@ -43,6 +43,7 @@ class ReplicaRegistry:
         self.clock = clock
         self.replicas: dict[str, ReplicaInfo] = {}
         self.version = 0
+        self._missing_since: dict[int, float] = {}  # group -> when it was last seen without a live replica
 
     def register(self, group: int, address: str, replica_id: str) -> int:
         if not 0 <= group < self.num_groups:
@@ -91,8 +92,21 @@ class ReplicaRegistry:
         groups: dict[int, list[str]] = {g: [] for g in range(self.num_groups)}
         for r in sorted(self.replicas.values(), key=lambda r: r.address):
             groups[r.group].append(r.address)
+        now = self.clock()
+        for g, addresses in groups.items():
+            if addresses:
+                self._missing_since.pop(g, None)
+            else:
+                self._missing_since.setdefault(g, now)
         return Snapshot(self.version, groups, {a: r.in_flight for a, r in self.replicas.items()})
 
     def missing_groups(self) -> list[int]:
         snap = self.snapshot()
         return [g for g, addrs in snap.replicas.items() if not addrs]
+
+    def missing_for(self) -> dict[int, float]:
+        """Groups without a live replica now, and for how many seconds (since this registry first
+        saw them so: at start-up, since it started)."""
+        self.snapshot()
+        now = self.clock()
+        return {g: now - since for g, since in sorted(self._missing_since.items())}

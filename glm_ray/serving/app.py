@@ -85,7 +85,7 @@ def build_app(config: ServeConfig | dict) -> Application:
             look_back_s=scaling.look_back_s if scaling else 10.0, drain_wait_s=drain_wait_s,
             stop_grace_s=stop_grace_s, device=cfg.device, expert_backend=cfg.expert_backend))
     engine_options = dict(dtype=cfg.dtype, device=cfg.device, expert_backend=cfg.expert_backend,
-                          kv_cache_memory=cfg.kv_cache_memory, max_num_seqs=cfg.max_num_seqs,
+                          max_waiting_requests=cfg.max_waiting_requests, kv_cache_memory=cfg.kv_cache_memory, max_num_seqs=cfg.max_num_seqs,
                           max_num_batched_tokens=cfg.max_num_batched_tokens, max_model_len=cfg.max_model_len,
                           microbatches=cfg.microbatches)
     attention_replicas = (
@@ -95,7 +95,8 @@ def build_app(config: ServeConfig | dict) -> Application:
     # Serve does not see): attention_drain_s for its generations, then a few seconds to stop
     attention_shutdown = {**shutdown, "graceful_shutdown_timeout_s": cfg.attention_drain_s + 10.0}
     attention = AttentionReplica.options(
-        name="AttentionReplica", max_ongoing_requests=cfg.max_ongoing_requests, **attention_replicas,
+        name="AttentionReplica", max_ongoing_requests=cfg.max_ongoing_requests,
+        max_queued_requests=cfg.max_queued_requests, **attention_replicas,
         ray_actor_options=cfg.attention_resources.ray_actor_options(), **attention_shutdown).bind(
         model_dir, engine_options, placement.to_dict() if placement else None, router, cfg.snapshot_refresh_s,
         cfg.expert_wait_s,
@@ -103,7 +104,9 @@ def build_app(config: ServeConfig | dict) -> Application:
         drain_s=cfg.attention_drain_s)
     model_name = cfg.served_model_name or (Path(model_dir).name if cfg.model else DEFAULT_MODEL_NAME)
     return Ingress.options(ray_actor_options=cfg.ingress_resources.ray_actor_options(),
-                           num_replicas=cfg.ingress_replicas, **shutdown).bind(
+                           num_replicas=cfg.ingress_replicas, max_queued_requests=cfg.max_queued_requests,
+                           **shutdown).bind(
         attention, router, groups, model_dir, model_name, engine_options, cfg.max_body_bytes, cfg.max_pending_requests,
         api_keys=resolve_api_keys(cfg), dispatch_auth=auth, refresh_s=cfg.snapshot_refresh_s,
-        max_prompts_per_request=cfg.max_prompts_per_request, request_timeout_s=cfg.request_timeout_s)
+        max_prompts_per_request=cfg.max_prompts_per_request, request_timeout_s=cfg.request_timeout_s,
+        expert_wait_s=cfg.expert_wait_s)

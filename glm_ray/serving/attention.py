@@ -138,7 +138,7 @@ def _recent(step_times, after: float) -> list[tuple[float, float, int]]:
 @serve.deployment(max_ongoing_requests=256, graceful_shutdown_wait_loop_s=0.1)
 class AttentionReplica:
     def __init__(self, model_dir: str, engine_options: dict, placement: dict | None, router,
-                 refresh_s: float = 1.0, expert_wait_s: float = 10.0, num_threads: int | None = 1,
+                 refresh_s: float = 1.0, expert_wait_s: float = 300.0, num_threads: int | None = 1,
                  dispatch_auth: dict | None = None, *, bind_host: str = "127.0.0.1", drain_s: float = 300.0):
         """placement: the expert groups' table, routed experts reached over gRPC; None: colocated,
         every routed expert loaded here (`expert_groups: 0`). num_threads: with remote experts,

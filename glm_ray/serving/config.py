@@ -104,6 +104,12 @@ class ServeConfig(BaseModel):
     max_num_batched_tokens: int = Field(2048, ge=1, description="tokens per engine step")
     max_model_len: int | None = Field(None, ge=1, description="prompt + output limit; default the model's")
     max_ongoing_requests: int = Field(256, ge=1, description="Serve's cap on concurrent calls per attention replica")
+    max_waiting_requests: int = Field(1024, ge=1, description="requests an attention replica's engine keeps waiting "
+                                      "for a place in the running batch; beyond, it refuses more (the ingress tries "
+                                      "another replica, else 503 / UNAVAILABLE)")
+    max_queued_requests: int = Field(1000, ge=1, description="calls Serve holds for the ingress and attention "
+                                     "deployments while their replicas are at max_ongoing_requests; beyond, Serve "
+                                     "answers 503 at once instead of queueing without bound")
     microbatches: int = Field(1, ge=1, description="each engine step's sequences in this many groups, run layer by "
                               "layer in turn so one group's expert round trip overlaps the next one's attention "
                               "(pays off when attention and expert groups have their own cores; see BENCHMARKS.md)")
@@ -138,7 +144,10 @@ class ServeConfig(BaseModel):
     heartbeat_interval_s: float = Field(0.5, gt=0, description="how often expert replicas heartbeat the router")
     heartbeat_ttl_s: float = Field(3.0, gt=0, description="a replica silent this long leaves the routing table")
     snapshot_refresh_s: float = Field(1.0, gt=0, description="how often attention replicas refresh the table")
-    expert_wait_s: float = Field(10.0, gt=0, description="how long a step waits for a missing expert group")
+    expert_wait_s: float = Field(300.0, gt=0, description="how long a step waits for an expert group with no live "
+                                 "replica (long enough for Serve to start a replacement and load its experts; "
+                                 "/health says degraded meanwhile); then the requests running on that attention "
+                                 "replica fail with a retryable 503 / UNAVAILABLE and queued ones stay queued")
 
     torch_threads: int | None = Field(None, ge=1, description="threads per attention/expert replica, default its "
                                       "whole reserved CPUs, at least 1 (oversubscribed cores thrash): an expert "

@@ -102,10 +102,11 @@ class Ingress:
     def __init__(self, attention, router, expert_groups: list, model_dir: str, model_name: str,
                  engine_options: dict, max_body_bytes: int = 32 << 20, max_pending_requests: int = 256,
                  api_keys: list[str] | None = None, dispatch_auth: dict | None = None, refresh_s: float = 1.0,
-                 max_prompts_per_request: int | None = None, request_timeout_s: float | None = None):
+                 max_prompts_per_request: int | None = None, request_timeout_s: float | None = None,
+                 expert_wait_s: float = 300.0):
         self.expert_groups = expert_groups  # part of the app graph, so Serve deploys them
         self.backend = ServeBackend(attention, router, model_dir, model_name, engine_options, dispatch_auth,
-                                    refresh_s)
+                                    refresh_s, expert_wait_s)
         if request_timeout_s:
             self.backend = TimedBackend(self.backend, request_timeout_s)
         self.metrics, self.admission = Metrics(), Admission(max_pending_requests, max_prompts_per_request)

@@ -209,4 +209,5 @@ class ExpertRouter:
                 "replica_load": {a: {"group": r.group, "in_flight": r.in_flight, "busy_fraction": r.busy_fraction,
                                      "tokens_per_s": r.tokens_per_s} for a, r in self.registry.replicas.items()},
                 "attention": self._attention_load(),
-                "window_s": self.window_s, "missing_groups": [g for g, a in snap.replicas.items() if not a]}
+                "window_s": self.window_s, "missing_groups": [g for g, a in snap.replicas.items() if not a],
+                "missing_for_s": {str(g): s for g, s in self.registry.missing_for().items()}}

@@ -21,8 +21,9 @@ ATTENTION_PROBE_S = 5.0
 
 class ServeBackend:
     def __init__(self, attention, router, model_dir: str, model_name: str, engine_options: dict,
-                 dispatch_auth: dict | None = None, refresh_s: float = 1.0):
+                 dispatch_auth: dict | None = None, refresh_s: float = 1.0, expert_wait_s: float = 300.0):
         self.attention = attention
+        self.expert_wait_s = expert_wait_s  # for /health's account of a missing expert group
         self.router = router
         auth = DispatchAuth.from_dict(dispatch_auth) if dispatch_auth else None
         self.links = AttentionLinks(self._attention_table, auth, refresh_s)
@@ -44,21 +45,30 @@ class ServeBackend:
             yield delta
 
     async def health(self) -> tuple[bool, dict]:
-        """Ready when an attention replica answers and every expert group has a live replica."""
+        """(ready, detail): ready when an attention replica answers, one takes requests, and every
+        expert group has a live replica. detail["status"]: ok; degraded (an expert group has no live
+        replica: steps wait for one, up to expert_wait_s); unavailable (no attention replica)."""
         status = await self.router.status.remote()
         problems = []
         try:
             await asyncio.wait_for(self.attention.engine_stats.remote(), ATTENTION_PROBE_S)
         except Exception as e:  # noqa: BLE001 - dead, restarting, or too slow: not ready either way
             problems.append(f"no attention replica answered within {ATTENTION_PROBE_S:.0f} s ({type(e).__name__})")
-        if status["missing_groups"]:
-            problems.append(f"expert groups without a live replica: {status['missing_groups']}")
         if not await self.router.attention_table.remote():
             problems.append("no attention replica takes requests (none has registered its channel with the router)")
+        degraded = []
+        if status["missing_groups"]:
+            since = status.get("missing_for_s") or {}
+            for g in status["missing_groups"]:
+                gone = f" for {since[str(g)]:.0f} s" if str(g) in since else ""
+                degraded.append(f"expert group {g} has had no live replica{gone}: steps that need it wait up to "
+                                f"{self.expert_wait_s:.0f} s (expert_wait_s) for a replacement, then the requests "
+                                "running fail with a retryable error and queued ones stay queued")
         # replica counts, not addresses: /health stays open when API keys guard everything else
-        detail = {"status": "; ".join(problems) or "ok", "model": self.model_name,
+        state = "unavailable" if problems else "degraded" if degraded else "ok"
+        detail = {"status": state, "problems": problems + degraded, "model": self.model_name,
                   "replicas": {g: len(a) for g, a in status["replicas"].items()}}
-        return not problems, detail
+        return state == "ok", detail
 
     async def experts(self) -> dict:
         status = await self.router.status.remote()

@@ -1,6 +1,7 @@
 """What a user of LLM / AsyncLLMEngine notices: stops, limits, errors, text, streaming, abort."""
 
 import asyncio
+import time
 
 import pytest
 import torch
@@ -332,3 +333,65 @@ def test_the_step_loop_runs_on_its_own_torch_threads(tiny_model_dir, llm):
             engine.shutdown()
         assert experts.seen == {threads}
         assert torch.get_num_threads() == caller
+
+
+
+def test_a_full_waiting_list_refuses_at_once_and_takes_again_once_drained(tiny_model_dir, llm):
+    """max_waiting_requests bounds what queues behind the running batch: one more is refused with
+    EngineFullError (nothing started, so another replica may take it); the rest finish exactly."""
+    from glm_ray.engine.async_engine import EngineDeadError, EngineFullError
+    from glm_ray.experts.backend import ExpertBackend
+    from glm_ray.experts.local import LocalExperts
+    from glm_ray.model.loader import load_weights
+
+    class Slow(ExpertBackend):  # steps slow enough that the queue is seen as it is
+        def __init__(self):
+            self.inner = LocalExperts(load_weights(tiny_model_dir, dtype="float32", dense=False).experts)
+
+        def forward(self, layer, *args):
+            time.sleep(0.02)
+            return self.inner.forward(layer, *args)
+
+    engine = AsyncLLMEngine(tiny_model_dir, EngineOptions(dtype="float32", max_num_seqs=2, max_waiting_requests=3),
+                            experts=Slow())
+    params = greedy(max_tokens=12, ignore_eos=True)
+    prompts = [prompt(6, seed=s)["prompt_token_ids"] for s in range(6)]
+    want = [o.outputs[0].token_ids for o in llm.generate([{"prompt_token_ids": p} for p in prompts], params)]
+
+    class Sink:
+        def __init__(self):
+            self.tokens, self.done, self.errors = {}, set(), []
+
+        def deliver(self, deltas):
+            for d in deltas:
+                self.tokens.setdefault(d.request_id, []).extend(d.new_token_ids)
+                if d.finished:
+                    self.done.add(d.request_id)
+
+        def fail(self, request_id, error):
+            self.errors.append((request_id, error))
+
+    def wait_until(condition):
+        deadline = time.monotonic() + 60
+        while not condition() and time.monotonic() < deadline:
+            time.sleep(0.005)
+        assert condition()
+
+    sink = Sink()
+    scheduler = engine.engine.scheduler
+    try:
+        for i in range(2):
+            engine.submit(f"r{i}", prompts[i], params, sink)
+        wait_until(lambda: len(scheduler.running) == 2)
+        for i in range(2, 5):  # the batch is full: these wait
+            engine.submit(f"r{i}", prompts[i], params, sink)
+        with pytest.raises(EngineFullError, match="waiting list is full \\(3 requests"):
+            engine.submit("r5", prompts[5], params, sink)
+        assert issubclass(EngineFullError, EngineDeadError)  # so the channel lets another replica take it
+        wait_until(lambda: "r0" in sink.done)
+        wait_until(lambda: len(scheduler.waiting) < 3)
+        engine.submit("r5", prompts[5], params, sink)  # room again
+        wait_until(lambda: len(sink.done) == 6)
+        assert not sink.errors and [sink.tokens[f"r{i}"] for i in range(6)] == want
+    finally:
+        engine.shutdown()

@@ -119,7 +119,8 @@ def create_app(backend: Backend, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
         except Exception as e:
             return from_exception(e if not isinstance(e, ValueError) else RuntimeError(str(e))).response()
         if not ok:
-            return error_response(503, f"the model backend is not healthy: {details}", kind="service_unavailable")
+            return error_response(503, f"the model backend is {details.get('status', 'not healthy')}: "
+                                  f"{'; '.join(details.get('problems') or []) or details}", kind="service_unavailable")
         return JSONResponse({"status": "ok", **details})
 
     @app.get("/metrics")

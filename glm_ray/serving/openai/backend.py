@@ -64,7 +64,8 @@ class LocalBackend:
 
     async def health(self) -> tuple[bool, dict]:
         alive = self.engine._thread.is_alive() and not self.engine._stopped
-        return alive, {"status": "ok" if alive else "engine stopped", "model": self.model_name}
+        return alive, {"status": "ok" if alive else "unavailable", "problems": [] if alive else ["the engine stopped"],
+                       "model": self.model_name}
 
     async def experts(self) -> dict:
         return {"mode": "local", "replicas": {}, "tokens_per_expert": {}, "missing_groups": []}

@@ -1,6 +1,7 @@
-"""An attention replica killed mid-generation (its Ray actor, not a mock): every stream it carried
-goes on from another replica, and each client reads one continuous stream, token-identical to an
-undisturbed run (greedy and seeded), usage counted once."""
+"""Replicas killed mid-generation (their Ray actors, not mocks). An attention replica: every stream
+it carried goes on from another replica, each client reading one continuous stream, token-identical
+to an undisturbed run (greedy and seeded), usage counted once. The only replica of an expert group:
+steps wait for Serve's replacement, /health says degraded meanwhile, nothing is lost."""
 
 import concurrent.futures as cf
 import time
@@ -77,5 +78,53 @@ def test_streams_survive_the_loss_of_their_attention_replica(ray_serve, tiny_mod
                                           temperature=0, extra_body={"ignore_eos": True})
         assert again.choices[0].text == llm.generate(PROMPTS[0], SamplingParams(
             max_tokens=16, temperature=0, ignore_eos=True))[0].outputs[0].text
+    finally:
+        undeploy()
+
+
+def test_steps_wait_for_a_lost_expert_group_and_health_says_degraded(ray_serve, tiny_model_dir):
+    """The only replica of an expert group is killed mid-generation: /health turns 503 "degraded"
+    naming the group, steps wait (expert_wait_s) until Serve's replacement has loaded its experts,
+    and every stream finishes token-identical to an undisturbed run."""
+    import ray
+
+    llm = LLM(tiny_model_dir, dtype="float32")
+    params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True)
+    want = [o.outputs[0].text for o in llm.generate(PROMPTS[:4], params)]
+    deploy(ServeConfig(model=str(tiny_model_dir), expert_groups=2, dtype="float32", kv_cache_memory=32 << 20,
+                       max_model_len=1024, expert_wait_s=240), ray_serve)
+    client = openai.OpenAI(base_url=f"{ray_serve}/v1", api_key="unused", max_retries=0)
+    try:
+        progress = [0] * 4
+
+        def stream(i):
+            text = ""
+            for chunk in client.completions.create(model=tiny_model_dir.name, prompt=PROMPTS[i],
+                                                   max_tokens=MAX_TOKENS, temperature=0, stream=True,
+                                                   extra_body={"ignore_eos": True}):
+                text += chunk.choices[0].text if chunk.choices else ""
+                progress[i] += 1
+            return text
+
+        with cf.ThreadPoolExecutor(4) as pool:
+            futures = [pool.submit(stream, i) for i in range(4)]
+            deadline = time.monotonic() + 120
+            while min(progress) < 3 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            victim = [a for a in ray.util.list_named_actors(all_namespaces=True) if "ExpertGroup_1" in a["name"]]
+            assert len(victim) == 1
+            ray.kill(ray.get_actor(victim[0]["name"], namespace=victim[0]["namespace"]), no_restart=True)
+            degraded = None
+            deadline = time.monotonic() + 60
+            while degraded is None and time.monotonic() < deadline:
+                r = requests.get(f"{ray_serve}/health", timeout=30)
+                if r.status_code == 503 and "degraded" in r.text:
+                    degraded = r.json()["error"]["message"]
+                time.sleep(0.2)
+            assert not any(f.done() for f in futures)  # the streams were waiting, not failing
+            got = [f.result(timeout=300) for f in futures]
+        assert degraded is not None and "expert group 1 has had no live replica" in degraded, degraded
+        assert got == want
+        assert requests.get(f"{ray_serve}/health", timeout=30).status_code == 200  # the replacement is in
     finally:
         undeploy()
