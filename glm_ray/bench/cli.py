@@ -14,6 +14,7 @@ from glm_ray.bench import stats
 from glm_ray.argtypes import number_in, positive_int
 from glm_ray.bench.isolate import run_in_child
 from glm_ray.bench.load_step_timeline import DEFAULT_LOAD_STEP, parse_phases
+from glm_ray.bench.soak import DEFAULT_SOAK, parse_soak
 from glm_ray.bench.report import compare, format_table, load_average, mean_ratio, new_report
 from glm_ray.bench.workloads import SPECS, make_workload
 
@@ -48,8 +49,15 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
                    help="with --url: a load step instead of the workloads: phases of closed-loop clients "
                         f"(default {DEFAULT_LOAD_STEP}), a timeline of tokens/s, latencies and replicas per "
                         "deployment from /metrics, written to --output (default load-step.json) and --plot")
-    p.add_argument("--max-tokens", type=positive_int, default=128, help="--load-step: output tokens per request")
-    p.add_argument("--prompt-tokens", type=positive_int, default=32, help="--load-step: prompt tokens per request")
+    p.add_argument("--soak", nargs="?", type=parse_soak, const=parse_soak(DEFAULT_SOAK), default=None,
+                   metavar="CLIENTS:SECONDS",
+                   help=f"with --url of a server on this machine: CLIENTS streaming clients for SECONDS (default "
+                        f"{DEFAULT_SOAK}); errors, TTFT and inter-token latency, and every process's resident memory "
+                        "over the first minute against the last (--output, default soak.json)")
+    p.add_argument("--max-tokens", type=positive_int, default=128,
+                   help="--load-step, --soak: output tokens per request")
+    p.add_argument("--prompt-tokens", type=positive_int, default=32,
+                   help="--load-step, --soak: prompt tokens per request")
     p.add_argument("--plot", default=None, metavar="FILE.png",
                    help="--load-step: the timeline plot (default: --output with .png; needs matplotlib)")
     p.add_argument("--no-baseline", action="store_true", help="skip transformers")
@@ -300,6 +308,10 @@ def run_bench(args) -> int:
     from glm_ray.bench.flops import run_flops
     from glm_ray.config import load_model_config
 
+    if args.soak is not None:
+        from glm_ray.bench.soak import run_soak
+
+        return run_soak(args)
     if args.load_step is not None:
         from glm_ray.bench.load_step import run_load_step
 

@@ -70,6 +70,15 @@ class RoutingCounter(ExpertBackend):
         return self.take_counts(), pairs
 
 
+def keep_known(current: Snapshot, new: Snapshot) -> Snapshot:
+    """`new`, except that a group it shows without any replica keeps the addresses `current` had:
+    a restarted router knows no replica until each re-registers (within a heartbeat), and those
+    replicas are most likely alive, so dispatch goes on from the cached table. An address that is
+    really gone fails its call and the group waits for a live one, as with an empty list."""
+    replicas = {g: (addresses or current.replicas.get(g, [])) for g, addresses in new.replicas.items()}
+    return Snapshot(new.version, replicas, new.load)
+
+
 class RouterSnapshots:
     """The replica table as last read from the router, refreshed by a background thread every
     `refresh_s` and on demand after a failed call. Never on the per-layer path. The same thread
@@ -102,7 +111,7 @@ class RouterSnapshots:
         while not self._stop.is_set():
             try:
                 raw = self.router.snapshot.remote().result(timeout_s=5)
-                snap = Snapshot.from_dict(raw)
+                snap = keep_known(self._current, Snapshot.from_dict(raw))
                 if snap.version != self._current.version or snap.replicas != self._current.replicas:
                     self._current = snap
                 self.placement = raw.get("placement")

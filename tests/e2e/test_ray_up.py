@@ -125,10 +125,11 @@ def wait_gone(marker: str, *, environ: bool = False, timeout_s: float = 30) -> d
 # client server names no temp dir); the sessions' environment does: sshd gives them RAY_TMPDIR=<temp dir>.
 RAY_WRAPPER = '''#!{python}
 """`ray` for the e2e test's cluster only. `ray stop` ends the processes of this cluster's temp dir
-({temp_dir}): those whose command line names it or whose environment has RAY_TMPDIR set to it, HOME set to
-the SSH sessions' home or the test's GLM_RAY_E2E_MARKER, not every Ray process on the machine as the real one
-does. Ray's agents retitle themselves, and the title can overwrite the start of their environment (CI saw them
-without RAY_TMPDIR and HOME): the marker, which Ray puts last, survives. Anything else is the real `ray`."""
+({temp_dir}): those whose command line names it, or whose environment names the SSH sessions' home anywhere
+(HOME, PATH=<home>/bin:..., _=<home>/bin/ray) or has RAY_TMPDIR set to it or the test's GLM_RAY_E2E_MARKER,
+not every Ray process on the machine as the real one does. Ray's agents retitle themselves, and the title can
+overwrite part of their environment (CI saw them keep only PATH and _): any one surviving entry is enough.
+Anything else is the real `ray`."""
 import os, signal, sys, time
 TEMP_DIR, HOME, MARKER, REAL = {temp_dir!r}, {home!r}, {marker!r}, {real!r}
 if sys.argv[1:2] != ["stop"]:
@@ -152,7 +153,8 @@ def ours():
     mine = ancestors()
     return [int(pid) for pid in filter(str.isdigit, os.listdir("/proc")) if int(pid) not in mine and (
         TEMP_DIR.encode() in read(f"/proc/{{pid}}/cmdline")
-        or {{("RAY_TMPDIR=" + TEMP_DIR).encode(), ("HOME=" + HOME).encode(), ("GLM_RAY_E2E_MARKER=" + MARKER).encode()}}
+        or HOME.encode() in read(f"/proc/{{pid}}/environ")
+        or {{("RAY_TMPDIR=" + TEMP_DIR).encode(), ("GLM_RAY_E2E_MARKER=" + MARKER).encode()}}
         & set(read(f"/proc/{{pid}}/environ").split(b"\\0")))]
 for sig, wait_s in ((signal.SIGTERM, 5), (signal.SIGKILL, 5)):  # the cluster is being thrown away
     for pid in ours():

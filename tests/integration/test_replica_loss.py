@@ -1,7 +1,8 @@
 """Replicas killed mid-generation (their Ray actors, not mocks). An attention replica: every stream
 it carried goes on from another replica, each client reading one continuous stream, token-identical
 to an undisturbed run (greedy and seeded), usage counted once. The only replica of an expert group:
-steps wait for Serve's replacement, /health says degraded meanwhile, nothing is lost."""
+steps wait for Serve's replacement, /health says degraded meanwhile, nothing is lost. The router:
+dispatch goes on from cached tables and everything it knew comes back."""
 
 import concurrent.futures as cf
 import time
@@ -21,48 +22,68 @@ PROMPTS = ["Once upon a time", "The experts of a MoE layer", "1 2 3 4 5 6", "Dea
 SEEDED = {1: 5, 4: 77}  # prompt index -> seed (temperature 0.9); the rest greedy
 
 
-def params_of(i):
-    if i in SEEDED:
+def params_of(i, seeded=True):
+    if seeded and i in SEEDED:
         return dict(temperature=0.9, top_p=0.95, seed=SEEDED[i])
     return dict(temperature=0.0)
 
 
-def test_streams_survive_the_loss_of_their_attention_replica(ray_serve, tiny_model_dir):
+def kill(name_part: str) -> None:
+    """Kill the one actor whose name holds `name_part` (as a crash would: no restart by Ray)."""
     import ray
 
+    actors = [a for a in ray.util.list_named_actors(all_namespaces=True) if name_part in a["name"]]
+    assert len(actors) >= 1, name_part
+    ray.kill(ray.get_actor(actors[0]["name"], namespace=actors[0]["namespace"]), no_restart=True)
+
+
+def stream_through(base_url, model, prompts, seeded, during):
+    """Stream every prompt at once; when each has read a few chunks, call `during()` (the kill).
+    Returns ([(text, usage, finish reason)], what during returned, streams unfinished when it ran)."""
+    client = openai.OpenAI(base_url=f"{base_url}/v1", api_key="unused", max_retries=0)
+    progress = [0] * len(prompts)
+
+    def stream(i):
+        text, usage, finish = "", None, None
+        for chunk in client.completions.create(
+                model=model, prompt=prompts[i], max_tokens=MAX_TOKENS, stream=True,
+                stream_options={"include_usage": True}, extra_body={"ignore_eos": True}, **params_of(i, seeded)):
+            if chunk.choices:
+                text += chunk.choices[0].text
+                finish = chunk.choices[0].finish_reason or finish
+                progress[i] += 1
+            usage = chunk.usage or usage
+        return text, usage, finish
+
+    with cf.ThreadPoolExecutor(len(prompts)) as pool:
+        futures = [pool.submit(stream, i) for i in range(len(prompts))]
+        deadline = time.monotonic() + 120
+        while min(progress) < 5 and time.monotonic() < deadline:  # every stream is under way
+            time.sleep(0.01)
+        unfinished = sum(not f.done() for f in futures)
+        seen = during()
+        unfinished = min(unfinished, sum(not f.done() for f in futures))
+        return [f.result(timeout=300) for f in futures], seen, unfinished
+
+
+def wait_healthy(base_url, timeout_s=90) -> int:
+    deadline = time.monotonic() + timeout_s
+    while (status := requests.get(f"{base_url}/health", timeout=30).status_code) != 200 and \
+            time.monotonic() < deadline:
+        time.sleep(0.5)
+    return status
+
+
+def test_streams_survive_the_loss_of_their_attention_replica(ray_serve, tiny_model_dir):
     llm = LLM(tiny_model_dir, dtype="float32")
     want = [llm.generate(p, SamplingParams(max_tokens=MAX_TOKENS, ignore_eos=True, **params_of(i)))[0].outputs[0]
             for i, p in enumerate(PROMPTS)]
     deploy(ServeConfig(model=str(tiny_model_dir), expert_groups=0, attention_replicas=2, dtype="float32",
                        kv_cache_memory=32 << 20, max_model_len=1024), ray_serve)
-    client = openai.OpenAI(base_url=f"{ray_serve}/v1", api_key="unused", max_retries=0)
     try:
-        progress = [0] * len(PROMPTS)  # chunks read per stream
-
-        def stream(i):
-            text, token_count, usage, finish = "", 0, None, None
-            for chunk in client.completions.create(
-                    model=tiny_model_dir.name, prompt=PROMPTS[i], max_tokens=MAX_TOKENS, stream=True,
-                    stream_options={"include_usage": True}, extra_body={"ignore_eos": True}, **params_of(i)):
-                if chunk.choices:
-                    text += chunk.choices[0].text
-                    finish = chunk.choices[0].finish_reason or finish
-                    progress[i] += 1
-                usage = chunk.usage or usage
-            return text, usage, finish
-
-        with cf.ThreadPoolExecutor(len(PROMPTS)) as pool:
-            futures = [pool.submit(stream, i) for i in range(len(PROMPTS))]
-            deadline = time.monotonic() + 120
-            while min(progress) < 5 and time.monotonic() < deadline:  # every stream is under way
-                time.sleep(0.01)
-            replicas = [a for a in ray.util.list_named_actors(all_namespaces=True)
-                        if "AttentionReplica" in a["name"]]
-            assert len(replicas) == 2
-            ray.kill(ray.get_actor(replicas[0]["name"], namespace=replicas[0]["namespace"]), no_restart=True)
-            unfinished_at_kill = sum(not f.done() for f in futures)
-            got = [f.result(timeout=300) for f in futures]
-        assert unfinished_at_kill == len(PROMPTS)  # the kill came mid-generation for every stream
+        got, _, unfinished = stream_through(ray_serve, tiny_model_dir.name, PROMPTS, True,
+                                            lambda: kill("AttentionReplica"))
+        assert unfinished == len(PROMPTS)  # the kill came mid-generation for every stream
         for (text, usage, finish), w, p in zip(got, want, PROMPTS):
             assert text == w.text  # one continuous stream: nothing twice, nothing missing
             assert finish == "length"
@@ -72,12 +93,11 @@ def test_streams_survive_the_loss_of_their_attention_replica(ray_serve, tiny_mod
                    if line.startswith("glm_ray_requests_resumed_total")]
         assert resumed and resumed[0] >= 1  # streams really were cut and continued elsewhere
         # the app serves on (Serve replaces the killed replica meanwhile)
-        r = requests.get(f"{ray_serve}/health", timeout=30)
-        assert r.status_code == 200
-        again = client.completions.create(model=tiny_model_dir.name, prompt=PROMPTS[0], max_tokens=16,
-                                          temperature=0, extra_body={"ignore_eos": True})
-        assert again.choices[0].text == llm.generate(PROMPTS[0], SamplingParams(
-            max_tokens=16, temperature=0, ignore_eos=True))[0].outputs[0].text
+        assert wait_healthy(ray_serve) == 200
+        again = llm.generate(PROMPTS[0], SamplingParams(max_tokens=16, temperature=0, ignore_eos=True))[0]
+        client = openai.OpenAI(base_url=f"{ray_serve}/v1", api_key="unused", max_retries=0)
+        assert client.completions.create(model=tiny_model_dir.name, prompt=PROMPTS[0], max_tokens=16, temperature=0,
+                                         extra_body={"ignore_eos": True}).choices[0].text == again.outputs[0].text
     finally:
         undeploy()
 
@@ -86,45 +106,57 @@ def test_steps_wait_for_a_lost_expert_group_and_health_says_degraded(ray_serve, 
     """The only replica of an expert group is killed mid-generation: /health turns 503 "degraded"
     naming the group, steps wait (expert_wait_s) until Serve's replacement has loaded its experts,
     and every stream finishes token-identical to an undisturbed run."""
-    import ray
-
     llm = LLM(tiny_model_dir, dtype="float32")
     params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True)
     want = [o.outputs[0].text for o in llm.generate(PROMPTS[:4], params)]
     deploy(ServeConfig(model=str(tiny_model_dir), expert_groups=2, dtype="float32", kv_cache_memory=32 << 20,
                        max_model_len=1024, expert_wait_s=240), ray_serve)
-    client = openai.OpenAI(base_url=f"{ray_serve}/v1", api_key="unused", max_retries=0)
+
+    def kill_and_watch_health():
+        kill("ExpertGroup_1")
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            r = requests.get(f"{ray_serve}/health", timeout=30)
+            if r.status_code == 503 and "degraded" in r.text:
+                return r.json()["error"]["message"]
+            time.sleep(0.2)
+        return None
+
     try:
-        progress = [0] * 4
-
-        def stream(i):
-            text = ""
-            for chunk in client.completions.create(model=tiny_model_dir.name, prompt=PROMPTS[i],
-                                                   max_tokens=MAX_TOKENS, temperature=0, stream=True,
-                                                   extra_body={"ignore_eos": True}):
-                text += chunk.choices[0].text if chunk.choices else ""
-                progress[i] += 1
-            return text
-
-        with cf.ThreadPoolExecutor(4) as pool:
-            futures = [pool.submit(stream, i) for i in range(4)]
-            deadline = time.monotonic() + 120
-            while min(progress) < 3 and time.monotonic() < deadline:
-                time.sleep(0.01)
-            victim = [a for a in ray.util.list_named_actors(all_namespaces=True) if "ExpertGroup_1" in a["name"]]
-            assert len(victim) == 1
-            ray.kill(ray.get_actor(victim[0]["name"], namespace=victim[0]["namespace"]), no_restart=True)
-            degraded = None
-            deadline = time.monotonic() + 60
-            while degraded is None and time.monotonic() < deadline:
-                r = requests.get(f"{ray_serve}/health", timeout=30)
-                if r.status_code == 503 and "degraded" in r.text:
-                    degraded = r.json()["error"]["message"]
-                time.sleep(0.2)
-            assert not any(f.done() for f in futures)  # the streams were waiting, not failing
-            got = [f.result(timeout=300) for f in futures]
+        got, degraded, unfinished = stream_through(ray_serve, tiny_model_dir.name, PROMPTS[:4], False,
+                                                   kill_and_watch_health)
+        assert unfinished == 4  # while /health said degraded the streams were waiting, not failing
         assert degraded is not None and "expert group 1 has had no live replica" in degraded, degraded
-        assert got == want
-        assert requests.get(f"{ray_serve}/health", timeout=30).status_code == 200  # the replacement is in
+        assert [text for text, _, _ in got] == want
+        assert wait_healthy(ray_serve) == 200  # the replacement is in
+    finally:
+        undeploy()
+
+
+def test_dispatch_goes_on_while_the_router_restarts(ray_serve, tiny_model_dir):
+    """The router's actor killed mid-generation: attention replicas dispatch from their cached
+    tables, the new router's registry fills again as expert replicas re-register, attention
+    replicas re-advertise their channels, and routing statistics resume."""
+    llm = LLM(tiny_model_dir, dtype="float32")
+    params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True)
+    want = [o.outputs[0].text for o in llm.generate(PROMPTS[:4], params)]
+    deploy(ServeConfig(model=str(tiny_model_dir), expert_groups=2, dtype="float32", kv_cache_memory=32 << 20,
+                       max_model_len=1024), ray_serve)
+    try:
+        got, _, unfinished = stream_through(ray_serve, tiny_model_dir.name, PROMPTS[:4], False,
+                                            lambda: kill("ExpertRouter"))
+        assert unfinished == 4 and [text for text, _, _ in got] == want
+        assert wait_healthy(ray_serve) == 200  # the new router knows every group and the attention channel
+        client = openai.OpenAI(base_url=f"{ray_serve}/v1", api_key="unused", max_retries=0)
+        client.completions.create(model=tiny_model_dir.name, prompt=PROMPTS[0], max_tokens=16, temperature=0,
+                                  extra_body={"ignore_eos": True})
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:  # counts reach the new router with the next reports
+            experts = requests.get(f"{ray_serve}/v1/experts", timeout=30).json()
+            if sum(sum(c) for c in experts["tokens_per_expert"].values()):
+                break
+            time.sleep(0.5)
+        assert sum(sum(c) for c in experts["tokens_per_expert"].values()) > 0
+        assert len(experts["replicas"]) == 2 and all(len(a) == 1 for a in experts["replicas"].values())
     finally:
         undeploy()

@@ -61,3 +61,13 @@ def test_heartbeats_carry_load_and_groups_sum_it():
     assert load[2]["replicas"] == 0 and load[2]["busy_fraction"] == 0.0
     clock.t = 5.0  # all silent past the TTL: nothing is counted
     assert all(g["replicas"] == 0 for g in reg.group_load().values())
+
+
+def test_a_restarted_router_s_empty_groups_keep_the_cached_addresses():
+    from glm_ray.serving.attention import keep_known
+
+    cached = Snapshot(7, {0: ["a:1"], 1: ["b:1", "b:2"]})
+    fresh = Snapshot(1, {0: ["a:9"], 1: []})  # a new router: group 0 re-registered, group 1 not yet
+    merged = keep_known(cached, fresh)
+    assert merged.replicas == {0: ["a:9"], 1: ["b:1", "b:2"]} and merged.version == 1
+    assert keep_known(Snapshot(-1, {}), fresh).replicas == {0: ["a:9"], 1: []}  # nothing cached: nothing kept

@@ -51,6 +51,9 @@ class CompletionLogprobs:
                 "text_offset": self.text_offset}
 
 
+MAX_TOKEN_ID = 1 << 31
+
+
 def prompts_of(body: CompletionRequest, tokenizer) -> list[tuple[list[int], str]]:
     prompt = body.prompt
     if isinstance(prompt, str):
@@ -64,6 +67,9 @@ def prompts_of(body: CompletionRequest, tokenizer) -> list[tuple[list[int], str]
         ids = tokenizer.encode(p) if isinstance(p, str) else list(p)
         if not ids:
             raise OpenAIError(400, f"prompt {i} is empty: give at least one token", param="prompt")
+        bad = next((t for t in ids if not 0 <= t < MAX_TOKEN_ID), None)  # the engine checks the model's vocab;
+        if bad is not None:  # this keeps ids the tokenizer cannot even hold (u32) away from its decode
+            raise OpenAIError(400, f"prompt token id {bad} is outside the vocabulary", param="prompt")
         text = p if isinstance(p, str) else tokenizer.decode(ids, skip_special_tokens=False)
         out.append((ids, text))
     return out
