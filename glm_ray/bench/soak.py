@@ -112,7 +112,9 @@ def run_soak(args) -> int:
     gaps = [b - a for r in ok for a, b in zip(r.token_times_s, r.token_times_s[1:])]
     ttft = [r.ttft_s for r in ok if r.ttft_s is not None]
     growth = rss_growth(sampler.samples, phase.duration_s)
-    worst = max((g["growth"] for g in growth if g["growth"] is not None and g["first_mib"] >= 50), default=None)
+    # the server's processes: the bench client keeps every request's record, so it grows by design
+    worst = max((g["growth"] for g in growth if g["growth"] is not None and g["first_mib"] >= 50
+                 and g["role"] != "bench client"), default=None)
     errors: dict[str, int] = {}
     for r in records:
         if r.error is not None:
@@ -126,7 +128,7 @@ def run_soak(args) -> int:
         "error_messages": sorted(errors.items(), key=lambda kv: -kv[1])[:10],
         "output_tokens_per_s": sum(len(r.token_times_s) for r in records) / end_s if end_s else None,
         "ttft_ms": _percentiles_ms(ttft), "itl_ms": _percentiles_ms(gaps),
-        "rss": growth, "worst_rss_growth_of_processes_over_50_mib": worst,
+        "rss": growth, "worst_rss_growth_of_server_processes_over_50_mib": worst,
         "rss_target_met": worst is not None and worst < GROWTH_TARGET,
         "metrics_samples": len(samples),
     }
@@ -155,9 +157,9 @@ def format_soak(report: dict) -> str:
         lines.append(f"  {r['role']:<34} {r['first_mib']:>8.1f} -> {r['last_mib']:>8.1f}  {growth}")
     for message, n in report["error_messages"]:
         lines.append(f"  error x{n}: {message}")
-    worst = report["worst_rss_growth_of_processes_over_50_mib"]
-    lines.append(f"largest growth of a process over 50 MiB: {'n/a' if worst is None else f'{100 * worst:+.1f}%'} "
-                 f"(target < {100 * GROWTH_TARGET:.0f}%)")
+    worst = report["worst_rss_growth_of_server_processes_over_50_mib"]
+    lines.append(f"largest growth of a server process over 50 MiB (the bench client aside): "
+                 f"{'n/a' if worst is None else f'{100 * worst:+.1f}%'} (target < {100 * GROWTH_TARGET:.0f}%)")
     return "\n".join(lines)
 
 
