@@ -96,7 +96,7 @@ def torch_grouped_swiglu(hidden_states, local_ids, topk_weights, held, all_held:
     flat = local_ids.reshape(-1)  # [P]
     key = torch.where(flat < 0, e, flat)
     order = torch.argsort(key, stable=True)
-    counts = torch.bincount(key, minlength=e + 1)[:e]  # [E], skipped pairs in the last bin, dropped
+    counts = expert_counts(key, e)  # [E]
     x = hidden_states[order // k]  # [P, H], grouped by expert
     if _grouped_mm_works(x.device.type, x.dtype):
         offs = torch.cumsum(counts, 0).to(torch.int32)
@@ -108,6 +108,14 @@ def torch_grouped_swiglu(hidden_states, local_ids, topk_weights, held, all_held:
     pairs = torch.zeros(t * k, hidden_states.shape[1], dtype=torch.float32, device=x.device)
     pairs[order] = torch.where(kept, y.float() * topk_weights.reshape(-1)[order, None].float(), 0.0)
     return pairs.view(t, k, pairs.shape[1]).sum(dim=1)
+
+
+def expert_counts(key: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """Pairs per expert, key [P] in 0..num_experts (num_experts = skipped, not counted). A
+    scatter-add into a fixed size: `bincount` would read the largest key back to size its output,
+    a host sync on a GPU."""
+    counts = torch.zeros(num_experts + 1, dtype=torch.long, device=key.device)
+    return counts.scatter_add_(0, key, torch.ones_like(key))[:num_experts]
 
 
 def _looped(x, counts, w13, w2) -> torch.Tensor:

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import torch
 
-from glm_ray.experts.compute import ExpertCompute, torch_grouped_swiglu
+from glm_ray.experts.compute import ExpertCompute, expert_counts, torch_grouped_swiglu
 
 SUPPORTED_TOP_K = (1, 2, 4, 8)
 MAX_EXPERTS = 256
@@ -55,7 +55,7 @@ def ragged_offsets(local_ids: torch.Tensor, num_experts: int) -> tuple[torch.Ten
     """(expert_counts int32 [E], offsets int32 [T, K]) for pairs all held here: each pair's row
     within its expert's rows, in token order (deterministic, unlike DeepSpeed's atomics)."""
     flat = local_ids.reshape(-1).long()
-    counts = torch.bincount(flat, minlength=num_experts)
+    counts = expert_counts(flat, num_experts)
     order = torch.argsort(flat, stable=True)
     starts = torch.cumsum(counts, 0) - counts
     offsets = torch.empty_like(flat)
@@ -122,7 +122,7 @@ class DeepSpeedKernels:
         flat = local_ids.reshape(-1)
         key = torch.where(flat < 0, e, flat)
         order = torch.argsort(key, stable=True)
-        cumsum = torch.cumsum(torch.bincount(key, minlength=e + 1)[:e], 0)  # int64, inclusive
+        cumsum = torch.cumsum(expert_counts(key, e), 0)  # int64, inclusive
         y = self.mlp(hidden_states[order // k].contiguous(), cumsum, w1, w2)
         kept = (key[order] < e)[:, None]
         pairs = torch.zeros(t * k, self.hidden, dtype=torch.float32, device=hidden_states.device)
