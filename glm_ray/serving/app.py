@@ -17,6 +17,7 @@ from glm_ray.serving.autoscaling import expert_autoscaling_by_group, serve_autos
 from glm_ray.serving.config import ServeConfig
 from glm_ray.serving.credentials import dispatch_auth, resolve_api_keys
 from glm_ray.serving.expert_group import ExpertGroup
+from glm_ray.serving import placement_state
 from glm_ray.serving.ingress import Ingress
 from glm_ray.serving.router import ExpertRouter
 
@@ -66,7 +67,8 @@ def build_app(config: ServeConfig | dict) -> Application:
     router = ExpertRouter.options(ray_actor_options=cfg.router_resources.ray_actor_options(), **shutdown).bind(
         placement.to_dict() if placement else {"version": 0, "groups": []}, cfg.expert_groups, cfg.heartbeat_ttl_s,
         redundant_experts=cfg.redundant_experts, rebalance_threshold=cfg.effective_rebalance_threshold(),
-        rebalance_interval_s=cfg.rebalance_interval_s, rebalance_timeout_s=cfg.rebalance_timeout_s)
+        rebalance_interval_s=cfg.rebalance_interval_s, rebalance_timeout_s=cfg.rebalance_timeout_s,
+        state_key=placement_state.state_key(model_dir, placement.to_dict() if placement else {}, cfg.redundant_experts))
     # an expert replica's drain (leave the table, serve until attention replicas re-read it, finish
     # what is computing) must fit in Serve's force-kill deadline
     drain_wait_s, stop_grace_s = cfg.expert_drain_wait_s(), 2.0

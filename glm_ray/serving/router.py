@@ -17,6 +17,7 @@ from collections import deque
 from ray import serve
 
 from glm_ray.router import balance
+from glm_ray.serving import placement_state
 from glm_ray.router.placement import Placement
 from glm_ray.router.rebalance import Rebalancer, RebalanceRefused, dispatched_loads
 from glm_ray.router.registry import ReplicaRegistry
@@ -28,9 +29,15 @@ log = logging.getLogger("glm_ray.router")
 class ExpertRouter:
     def __init__(self, placement: dict, num_groups: int, ttl_s: float, stats_window_s: float = 60.0, *,
                  redundant_experts: int = 0, rebalance_threshold: float = 0.0, rebalance_interval_s: float = 60.0,
-                 rebalance_timeout_s: float = 600.0):
-        self.rebalancer = (Rebalancer(Placement.from_dict(placement), redundant_experts,
-                                      load_timeout_s=rebalance_timeout_s) if placement.get("groups") else None)
+                 rebalance_timeout_s: float = 600.0, state_key: str | None = None):
+        """state_key: where in the cluster's key-value store (Ray's GCS) the placement in force is kept,
+        so a router that restarts after a rebalance goes on from it (None: not kept)."""
+        self.state_key = state_key
+        self.rebalancer = None
+        if placement.get("groups"):
+            self.rebalancer = Rebalancer(Placement.from_dict(placement), redundant_experts,
+                                         load_timeout_s=rebalance_timeout_s)
+            self._restore()
         self.registry = ReplicaRegistry(num_groups, ttl_s)
         self.ttl_s = ttl_s
         self.window_s = stats_window_s
@@ -40,6 +47,27 @@ class ExpertRouter:
         self.attention: dict[str, tuple[float, dict]] = {}  # replica id -> (time, its last load report)
         self.attention_addresses: dict[str, str] = {}  # replica id -> its channel address (registered, live)
         self.attention_draining: set[str] = set()  # replica ids that left for good
+
+    # -- the placement kept across restarts ------------------------------------------------------
+
+    def _restore(self) -> None:
+        """A restarted router takes the placement its predecessor published, and never reuses a
+        version number it proposed: replicas may hold a version that was never published."""
+        saved = placement_state.load(self.state_key)
+        if saved is None:
+            return
+        r = self.rebalancer
+        kept = Placement.from_dict(saved["placement"])
+        fits = (kept.num_experts, kept.num_groups) == (r.current.num_experts, r.current.num_groups) and \
+            max(len(g) for g in kept.groups) <= r.slots_per_group
+        if fits and kept.version >= r.current.version:
+            r.current = kept
+            r.next_version = max(r.next_version, int(saved["next_version"]), kept.version + 1)
+            log.info("restored placement version %d from the cluster's store", kept.version)
+
+    def _save(self) -> None:
+        if self.rebalancer is not None:
+            placement_state.save(self.state_key, self.rebalancer.current.to_dict(), self.rebalancer.next_version)
 
     async def register(self, group: int, address: str, replica_id: str) -> int:
         return self.registry.register(group, address, replica_id)
@@ -80,6 +108,7 @@ class ExpertRouter:
             r.last.setdefault("builds", {})[address] = {k: v for k, v in built.items() if k != "version"}
         if r.try_publish(self.registry.snapshot().replicas):
             log.info("placement version %d published after %.1f s", r.current.version, r.last["seconds"])
+            self._save()
         self._maybe_rebalance()
         return {"target": r.target(group), "keep": r.keep(self._attention_versions())}
 
@@ -94,6 +123,7 @@ class ExpertRouter:
         record = self.rebalancer.propose(self._tokens_per_expert(), reason,
                                          {k: measured[k] for k in ("layers", "min", "mean")})
         if record["changed"]:
+            self._save()  # the version number is taken, published or not
             record["steps_before"], record["longest_step_s"] = self._step_summary(), 0.0
             log.info("rebalance (%s) to placement version %d: balancedness %.3f -> %.3f predicted", reason,
                      record["version"], record["predicted_before"]["min"], record["predicted_after"]["min"])

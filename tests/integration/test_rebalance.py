@@ -134,6 +134,29 @@ def test_rebalance_under_load_keeps_outputs_and_evens_the_groups(ray_serve, skew
                              capture_output=True, text=True, timeout=60)
         assert out.returncode == 0 and "stays: no placement the policy finds is better" in out.stdout, \
             out.stdout + out.stderr
+
+        # the router restarts (its actor killed): it goes on from version 1, kept in the cluster's store,
+        # not from the placement the app was built with, and the app keeps serving exactly
+        import ray
+
+        router = [a for a in ray.util.list_named_actors(all_namespaces=True) if "ExpertRouter" in a["name"]]
+        ray.kill(ray.get_actor(router[0]["name"], namespace=router[0]["namespace"]), no_restart=True)
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                if requests.get(f"{ray_serve}/health", timeout=10).status_code == 200:
+                    break
+            except requests.RequestException:
+                pass
+            assert time.monotonic() < deadline, "the app did not come back after the router restarted"
+            time.sleep(0.5)
+        restored = experts(ray_serve)
+        assert restored["rebalance"]["version"] == 1 and restored["placement"]["groups"][1][:2] == [0, 1]
+        with cf.ThreadPoolExecutor(8) as pool:
+            assert_same(list(pool.map(lambda p: generate(ray_serve, p, 12), short)), short_want)
+        for g in (0, 1):  # nobody was told to build or drop anything
+            handle = serve.get_deployment_handle(f"ExpertGroup_{g}", app_name="glm-ray")
+            assert handle.info.remote().result()["placement_versions"] == [1]
     finally:
         undeploy()
 

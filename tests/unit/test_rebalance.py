@@ -173,3 +173,26 @@ def test_the_router_rebalances_by_itself_below_the_threshold():
     sync, status = asyncio.run(scenario())
     assert sync["target"]["version"] == 1 and sync["keep"] == [0, 1]  # build version 1, keep 0 meanwhile
     assert status["pending_version"] == 1 and status["last"]["reason"].startswith("balancedness 0.550 below 0.9")
+
+
+def test_a_restarted_router_goes_on_from_the_kept_placement(monkeypatch):
+    from glm_ray.serving import placement_state
+    from glm_ray.serving.router import ExpertRouter
+
+    start = Placement.contiguous(8, 2).to_dict()
+    kept = {"placement": {"version": 3, "groups": [[0, 1, 2, 3, 4], [0, 1, 5, 6, 7]]}, "next_version": 5}
+    saved = {}
+    monkeypatch.setattr(placement_state, "load", lambda key: kept if key == "k" else None)
+    monkeypatch.setattr(placement_state, "save", lambda key, p, n: saved.update(key=key, placement=p, next=n))
+    router = ExpertRouter.func_or_class(start, 2, 3.0, redundant_experts=1, state_key="k")
+    assert router.rebalancer.current.version == 3 and router.rebalancer.next_version == 5  # 4 was proposed once
+    assert router.placement["groups"] == kept["placement"]["groups"]
+    fresh = ExpertRouter.func_or_class(start, 2, 3.0, redundant_experts=1, state_key="other")
+    assert fresh.rebalancer.current.version == 0
+    no_room = ExpertRouter.func_or_class(start, 2, 3.0, redundant_experts=0, state_key="k")  # 5 slots > 4
+    assert no_room.rebalancer.current.version == 0
+    router._save()
+    assert saved == {"key": "k", "placement": kept["placement"], "next": 5}
+    a = placement_state.state_key("/m", start, 1)
+    assert a == placement_state.state_key("/m", start, 1) and a != placement_state.state_key("/m", start, 2)
+    assert a != placement_state.state_key("/other", start, 1)
