@@ -64,7 +64,7 @@ def _routing(tokens: int, experts: int, top_k: int, device: torch.device, gen: t
 
 
 def measure_moe_layer(device: torch.device, shape: dict, token_counts: list[int]) -> dict:
-    from glm_ray.experts.compute import ExpertCompute, _looped, torch_grouped_swiglu
+    from glm_ray.experts.compute import ExpertCompute, looped_experts, sorted_moe, torch_grouped_swiglu
     from glm_ray.experts.deepspeed_moe import DeepSpeedUnavailable, load_deepspeed
     from glm_ray.experts.local import ExpertWeights
 
@@ -75,12 +75,7 @@ def measure_moe_layer(device: torch.device, shape: dict, token_counts: list[int]
                          (torch.randn(e, h, i, generator=gen) / i**0.5).to(device, dtype), e).to_slots_on(device)
 
     def looped(x, ids, w, held, all_held=False):
-        flat = ids.reshape(-1)
-        order = torch.argsort(flat, stable=True)
-        y = _looped(x[order // k], torch.bincount(flat, minlength=e), held.w13, held.w2)
-        pairs = torch.zeros(flat.numel(), h, dtype=torch.float32, device=x.device)
-        pairs[order] = y.float() * w.reshape(-1)[order, None]
-        return pairs.view(-1, k, h).sum(1)
+        return sorted_moe(x, ids, w, e, lambda rows, counts: looped_experts(rows, counts, held.w13, held.w2))
 
     backends = {"torch": ExpertCompute("torch", torch_grouped_swiglu), "looped": ExpertCompute("looped", looped)}
     report: dict = {"shape": shape, "dtype": "bfloat16", "results": [], "unavailable": {}}

@@ -1,4 +1,4 @@
-"""CPU time of every process of this user, by role, read from /proc (Linux).
+"""CPU time (and resident memory) of every process of this user, by role, read from /proc (Linux).
 
 A stage of the breakdown takes one snapshot before and one after; the difference, per role, is the
 CPU that role burned on the stage (user + system, all threads). Ray names its workers with their
@@ -14,6 +14,7 @@ import os
 from pathlib import Path
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+PAGE_BYTES = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
 
 def role_of(pid: int, cmdline: str, comm: str, own_pid: int) -> str:
@@ -36,7 +37,7 @@ def role_of(pid: int, cmdline: str, comm: str, own_pid: int) -> str:
     return "other"
 
 
-def _read(pid_dir: Path) -> tuple[str, str, float] | None:
+def _read(pid_dir: Path) -> tuple[str, str, float, int] | None:
     try:
         stat = (pid_dir / "stat").read_text()
         cmdline = (pid_dir / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
@@ -46,11 +47,12 @@ def _read(pid_dir: Path) -> tuple[str, str, float] | None:
     comm = stat[stat.index("(") + 1:stat.rindex(")")]
     fields = stat[stat.rindex(")") + 2:].split()
     utime, stime = int(fields[11]), int(fields[12])  # fields 14 and 15 of proc(5)
-    return cmdline, comm, (utime + stime) / CLOCK_TICKS
+    rss_pages = int(fields[21])  # field 24
+    return cmdline, comm, (utime + stime) / CLOCK_TICKS, rss_pages * PAGE_BYTES
 
 
-def snapshot(uid: int | None = None) -> dict[int, tuple[str, float]]:
-    """{pid: (role, CPU seconds so far)} for every process of `uid` (default: ours)."""
+def processes(uid: int | None = None) -> dict[int, tuple[str, float, int]]:
+    """{pid: (role, CPU seconds so far, resident bytes)} for every process of `uid` (default: ours)."""
     uid = os.getuid() if uid is None else uid
     own = os.getpid()
     out = {}
@@ -67,9 +69,14 @@ def snapshot(uid: int | None = None) -> dict[int, tuple[str, float]]:
             continue
         read = _read(pid_dir)
         if read is not None:
-            cmdline, comm, cpu = read
-            out[int(pid_dir.name)] = (role_of(int(pid_dir.name), cmdline, comm, own), cpu)
+            cmdline, comm, cpu, rss = read
+            out[int(pid_dir.name)] = (role_of(int(pid_dir.name), cmdline, comm, own), cpu, rss)
     return out
+
+
+def snapshot(uid: int | None = None) -> dict[int, tuple[str, float]]:
+    """{pid: (role, CPU seconds so far)} for every process of `uid` (default: ours)."""
+    return {pid: (role, cpu) for pid, (role, cpu, _) in processes(uid).items()}
 
 
 def cpu_by_role(before: dict[int, tuple[str, float]], after: dict[int, tuple[str, float]]) -> dict[str, float]:

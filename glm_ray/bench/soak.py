@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import threading
@@ -24,29 +23,13 @@ from glm_ray.bench import proc_cpu
 from glm_ray.bench.load_step import LoadStep, Phase
 from glm_ray.bench.load_step_timeline import parse_phases
 
-PAGE_BYTES = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 DEFAULT_SOAK = "200:120"
 GROWTH_TARGET = 0.10
 
 
 def rss_snapshot(uid: int | None = None) -> dict[int, tuple[str, int]]:
     """{pid: (role, resident bytes)} for every process of `uid` (default: ours)."""
-    uid = os.getuid() if uid is None else uid
-    own = os.getpid()
-    out = {}
-    for pid_dir in Path("/proc").iterdir():
-        if not pid_dir.name.isdigit():
-            continue
-        try:
-            if pid_dir.stat().st_uid != uid:
-                continue
-            resident = int((pid_dir / "statm").read_text().split()[1]) * PAGE_BYTES
-            cmdline = (pid_dir / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
-            comm = (pid_dir / "comm").read_text().strip()
-        except (OSError, ValueError, IndexError):
-            continue
-        out[int(pid_dir.name)] = (proc_cpu.role_of(int(pid_dir.name), cmdline, comm, own), resident)
-    return out
+    return {pid: (role, rss) for pid, (role, _, rss) in proc_cpu.processes(uid).items()}
 
 
 class RssSampler:

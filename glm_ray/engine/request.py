@@ -37,9 +37,6 @@ class Resume:
             raise ValueError(f"resume.num_sent_chars must be an integer >= 0, got {sent!r}")
         return cls(tuple(ids), sent)
 
-    def to_dict(self) -> dict:
-        return {"token_ids": list(self.token_ids), "num_sent_chars": self.num_sent_chars}
-
 
 class Request:
     def __init__(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, tokenizer,

@@ -86,26 +86,29 @@ def _cpu_kernel(hidden_states, local_ids, topk_weights, held, all_held: bool = F
 
 
 def torch_grouped_swiglu(hidden_states, local_ids, topk_weights, held, all_held: bool = False) -> torch.Tensor:
-    """The `torch` backend. Skipped pairs (-1) sort after every expert's rows, where no group of
-    the grouped GEMM reaches, so their rows come out undefined and are dropped by a select."""
+    """The `torch` backend: one grouped GEMM per projection where this torch has it for the
+    device and dtype, a matmul pair per expert otherwise."""
     w13, w2 = held.w13, held.w2
+    grouped = _grouped_mm_works(hidden_states.device.type, hidden_states.dtype)
+    experts = grouped_mm_experts if grouped else looped_experts
+    return sorted_moe(hidden_states, local_ids, topk_weights, w13.shape[0],
+                      lambda x, counts: experts(x, counts, w13, w2))
+
+
+def sorted_moe(hidden_states, local_ids, topk_weights, num_experts: int, run) -> torch.Tensor:
+    """Pairs sorted by expert, `run(x [P, H] grouped by expert, counts [E]) -> [P, H]` over them,
+    then each token's weighted sum in fp32. Skipped pairs (-1) sort after every expert's rows,
+    where `run` need not reach: their rows may come out undefined and are dropped by a select.
+    Nothing is read back to the host."""
     t, k = local_ids.shape
-    e = w13.shape[0]
     if t == 0:
         return torch.zeros(hidden_states.shape, dtype=torch.float32, device=hidden_states.device)
     flat = local_ids.reshape(-1)  # [P]
-    key = torch.where(flat < 0, e, flat)
+    key = torch.where(flat < 0, num_experts, flat)
     order = torch.argsort(key, stable=True)
-    counts = expert_counts(key, e)  # [E]
-    x = hidden_states[order // k]  # [P, H], grouped by expert
-    if _grouped_mm_works(x.device.type, x.dtype):
-        offs = torch.cumsum(counts, 0).to(torch.int32)
-        gate, up = _GROUPED_MM(x, w13.transpose(1, 2), offs=offs).chunk(2, dim=-1)
-        y = _GROUPED_MM((F.silu(gate) * up).contiguous(), w2.transpose(1, 2), offs=offs)
-    else:
-        y = _looped(x, counts, w13, w2)
-    kept = (key[order] < e)[:, None]  # [P, 1]
-    pairs = torch.zeros(t * k, hidden_states.shape[1], dtype=torch.float32, device=x.device)
+    y = run(hidden_states[order // k], expert_counts(key, num_experts))
+    kept = (key[order] < num_experts)[:, None]  # [P, 1]
+    pairs = torch.zeros(t * k, hidden_states.shape[1], dtype=torch.float32, device=hidden_states.device)
     pairs[order] = torch.where(kept, y.float() * topk_weights.reshape(-1)[order, None].float(), 0.0)
     return pairs.view(t, k, pairs.shape[1]).sum(dim=1)
 
@@ -118,26 +121,37 @@ def expert_counts(key: torch.Tensor, num_experts: int) -> torch.Tensor:
     return counts.scatter_add_(0, key, torch.ones_like(key))[:num_experts]
 
 
-def _looped(x, counts, w13, w2) -> torch.Tensor:
-    """One matmul pair per active expert (reads the counts back: a host sync on a GPU)."""
-    y = torch.zeros(x.shape, dtype=x.dtype, device=x.device)
+GROUPED_MM = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
+
+
+def grouped_mm_experts(x, counts, w13, w2) -> torch.Tensor:
+    """All experts in two grouped matmuls: rows [offs[e-1], offs[e]) use expert e -> [P, H] fp32."""
+    if x.shape[0] == 0:
+        return x.float()
+    offs = torch.cumsum(counts, 0).to(torch.int32)
+    gate, up = GROUPED_MM(x, w13.transpose(1, 2), offs=offs).chunk(2, dim=-1)
+    return GROUPED_MM((F.silu(gate) * up).contiguous(), w2.transpose(1, 2), offs=offs).float()
+
+
+def looped_experts(x, counts, w13, w2) -> torch.Tensor:
+    """One matmul pair per active expert -> [P, H] fp32: the plain path, and the fallback without
+    grouped_mm (it reads the counts back: a host sync on a GPU)."""
+    y = torch.empty(x.shape, dtype=torch.float32, device=x.device)
     offset = 0
     for slot, n in enumerate(counts.tolist()):
-        if n:
-            gate, up = F.linear(x[offset:offset + n], w13[slot]).chunk(2, dim=-1)
-            y[offset:offset + n] = F.linear(F.silu(gate) * up, w2[slot])
-            offset += n
+        if n == 0:
+            continue
+        gate, up = F.linear(x[offset:offset + n], w13[slot]).chunk(2, dim=-1)
+        y[offset:offset + n] = F.linear(F.silu(gate) * up, w2[slot])
+        offset += n
     return y
-
-
-_GROUPED_MM = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
 
 
 @functools.lru_cache(maxsize=None)
 def _grouped_mm_works(device_type: str, dtype: torch.dtype) -> bool:
     """Whether grouped_mm runs here for this dtype (CUDA builds take bf16 on recent GPUs only),
     tried once on a small problem against per-expert matmuls."""
-    if _GROUPED_MM is None:
+    if GROUPED_MM is None:
         return False
     device = torch.device(device_type)
     try:
@@ -145,7 +159,7 @@ def _grouped_mm_works(device_type: str, dtype: torch.dtype) -> bool:
         x = torch.randn(48, 32, generator=gen).to(device, dtype)
         w = torch.randn(3, 16, 32, generator=gen).to(device, dtype)
         offs = torch.tensor([16, 16, 40], dtype=torch.int32, device=device)
-        got = _GROUPED_MM(x, w.transpose(1, 2), offs=offs)[:40].float()
+        got = GROUPED_MM(x, w.transpose(1, 2), offs=offs)[:40].float()
         want = torch.cat([x[:16] @ w[0].T, x[16:40] @ w[2].T]).float()
         ok = bool(torch.allclose(got, want, rtol=2e-2, atol=2e-2))
     except (RuntimeError, TypeError, NotImplementedError) as e:

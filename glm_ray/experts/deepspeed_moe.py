@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import torch
 
-from glm_ray.experts.compute import ExpertCompute, expert_counts, torch_grouped_swiglu
+from glm_ray.experts.compute import ExpertCompute, expert_counts, sorted_moe, torch_grouped_swiglu
 
 SUPPORTED_TOP_K = (1, 2, 4, 8)
 MAX_EXPERTS = 256
@@ -116,18 +116,9 @@ class DeepSpeedKernels:
         return out.float()
 
     def sorted(self, hidden_states, local_ids, topk_weights, w1, w2) -> torch.Tensor:
-        """Some pairs elsewhere (-1): sorted in torch, skipped pairs after every expert's rows."""
-        t, k = local_ids.shape
-        e = w1.shape[0]
-        flat = local_ids.reshape(-1)
-        key = torch.where(flat < 0, e, flat)
-        order = torch.argsort(key, stable=True)
-        cumsum = torch.cumsum(expert_counts(key, e), 0)  # int64, inclusive
-        y = self.mlp(hidden_states[order // k].contiguous(), cumsum, w1, w2)
-        kept = (key[order] < e)[:, None]
-        pairs = torch.zeros(t * k, self.hidden, dtype=torch.float32, device=hidden_states.device)
-        pairs[order] = torch.where(kept, y.float() * topk_weights.reshape(-1)[order, None].float(), 0.0)
-        return pairs.view(t, k, pairs.shape[1]).sum(dim=1)
+        """Some pairs elsewhere (-1): sorted in torch, DeepSpeed's GEMMs over the rows."""
+        return sorted_moe(hidden_states, local_ids, topk_weights, w1.shape[0],
+                          lambda x, counts: self.mlp(x.contiguous(), torch.cumsum(counts, 0), w1, w2))
 
 
 class DeepSpeedExperts:

@@ -15,7 +15,9 @@ import torch.nn.functional as F
 
 from glm_ray.experts import swiglu_kernel
 from glm_ray.experts.backend import ExpertBackend
-from glm_ray.experts.compute import ExpertCompute, select_compute
+from glm_ray.experts.compute import GROUPED_MM, ExpertCompute, select_compute
+from glm_ray.experts.compute import grouped_mm_experts as _grouped_mm_experts
+from glm_ray.experts.compute import looped_experts as _looped_experts
 
 
 class ExpertWeights:
@@ -36,14 +38,6 @@ class ExpertWeights:
         self.slot = self.slot.to(device)
         return self
 
-    def to(self, device: torch.device) -> ExpertWeights:
-        """The same experts on `device` (self when they are there already)."""
-        if self.w13.device == torch.device(device):
-            return self
-        moved = ExpertWeights(self.expert_ids, self.w13.to(device), self.w2.to(device), self.slot.numel())
-        moved.slot = moved.slot.to(device)
-        return moved
-
 
 def grouped_swiglu(hidden_states: torch.Tensor, local_ids: torch.Tensor, weights: torch.Tensor,
                    w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
@@ -63,7 +57,7 @@ def grouped_swiglu(hidden_states: torch.Tensor, local_ids: torch.Tensor, weights
     return pairs.view(t, k, -1).sum(dim=1)
 
 
-_HAS_GROUPED_MM = hasattr(F, "grouped_mm")
+_HAS_GROUPED_MM = GROUPED_MM is not None
 PADDED_MAX_ROWS = 32  # up to this many tokens per expert, one padded bmm beats grouped_mm on CPU
 KERNEL_MAX_ROWS = 96  # up to this many, the C kernel beats both (beyond, all three are level)
 
@@ -94,28 +88,6 @@ def _padded_experts(x, counts, w13, w2) -> torch.Tensor:
     packed[expert, within] = x
     gate, up = torch.bmm(packed, w13.transpose(1, 2)).chunk(2, dim=-1)
     return torch.bmm(F.silu(gate) * up, w2.transpose(1, 2))[expert, within].float()
-
-
-def _grouped_mm_experts(x, counts, w13, w2) -> torch.Tensor:
-    """All experts in two grouped matmuls (torch >= 2.10): rows [offs[e-1], offs[e]) use expert e."""
-    if x.shape[0] == 0:
-        return x.float()
-    offs = torch.cumsum(counts, 0).to(torch.int32)
-    gate, up = F.grouped_mm(x, w13.transpose(1, 2), offs=offs).chunk(2, dim=-1)
-    return F.grouped_mm(F.silu(gate) * up, w2.transpose(1, 2), offs=offs).float()
-
-
-def _looped_experts(x, counts, w13, w2) -> torch.Tensor:
-    """One matmul pair per active expert: the plain path, and the fallback without grouped_mm."""
-    y = torch.empty(x.shape, dtype=torch.float32, device=x.device)
-    offset = 0
-    for slot, n in enumerate(counts.tolist()):
-        if n == 0:
-            continue
-        gate, up = F.linear(x[offset:offset + n], w13[slot]).chunk(2, dim=-1)
-        y[offset:offset + n] = F.linear(F.silu(gate) * up, w2[slot])
-        offset += n
-    return y
 
 
 def reference_moe(hidden_states, topk_ids, topk_weights, experts: dict[int, tuple[torch.Tensor, torch.Tensor]]):
