@@ -102,7 +102,7 @@ def serve_config_of(args):
             data[f"{name}_replicas"] = value
             data[f"{name}_autoscaling"] = None
     overrides = dict(model=args.model, expert_groups=args.expert_groups, dtype=args.dtype, host=args.host,
-                     device=args.device, expert_backend=args.expert_backend,
+                     device=args.device, expert_backend=args.expert_backend, decode_attention=args.decode_attention,
                      ingress_replicas=args.ingress_replicas,
                      redundant_experts=args.redundant_experts, rebalance_threshold=args.rebalance_threshold,
                      http_port=args.http_port,
@@ -177,6 +177,9 @@ def add_serve_flags(p: argparse.ArgumentParser) -> None:
                    help="where replicas compute (default auto: a GPU when the replica reserved one)")
     p.add_argument("--expert-backend", choices=["auto", "cpu-kernel", "torch", "deepspeed"], default=None,
                    help="routed-expert compute (default auto: GPU deepspeed, else torch; CPU cpu-kernel)")
+    p.add_argument("--decode-attention", choices=["torch", "cpu-kernel"], default=None,
+                   help="decode attention (default torch: exact; cpu-kernel: faster on x86 CPUs in fp32, equal to "
+                   "fp32 rounding only)")
     p.add_argument("--host", default=None, help="HTTP bind address (default 127.0.0.1)")
     p.add_argument("--http-port", type=int, default=None)
     p.add_argument("--grpc-port", type=int, default=None, help="Serve's gRPC proxy port; it binds every interface")

@@ -100,6 +100,8 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
                         "(a busy machine only ever slows a run down)")
     p.add_argument("--kv-cache-mib", type=positive_int, default=2048,
                    help="the engine's KV cache size in MiB (allocated up front, so it shows in its peak RSS)")
+    p.add_argument("--decode-attention", choices=["torch", "cpu-kernel"], default="torch",
+                   help="the in-process engine's decode attention (engine option decode_attention)")
     p.add_argument("--threads", type=positive_int, default=None,
                    help="torch threads in each measured process (default: torch's choice, one per core)")
     p.add_argument("--decode-batch", type=positive_int, default=64, help="batch of the decode-step FLOP measurement")
@@ -156,7 +158,7 @@ def bench_workload(name: str, model_dir: Path, vocab_size: int, args) -> dict:
     for i in range(args.repeat):
         _log(f"  engine ({i + 1}/{args.repeat}) ...")
         run = run_in_child(run_engine, model_dir, workload, args.dtype, progress, args.kv_cache_mib << 20,
-                           num_threads=args.threads)
+                           args.decode_attention, num_threads=args.threads)
         runs["engine"].append(stats.summarize_run(run))
         tokens["engine"] = run["token_ids"]
         if not args.no_baseline:

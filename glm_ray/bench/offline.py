@@ -17,9 +17,10 @@ MAX_NUM_BATCHED_TOKENS = 2048
 KV_CACHE_MEMORY = 2 << 30
 
 
-def engine_options(workload: Workload, dtype: str, kv_cache_memory: int = KV_CACHE_MEMORY) -> dict:
+def engine_options(workload: Workload, dtype: str, kv_cache_memory: int = KV_CACHE_MEMORY,
+                   decode_attention: str = "torch") -> dict:
     return dict(dtype=dtype, max_num_seqs=workload.max_num_seqs, max_num_batched_tokens=MAX_NUM_BATCHED_TOKENS,
-                kv_cache_memory=kv_cache_memory)
+                kv_cache_memory=kv_cache_memory, decode_attention=decode_attention)
 
 
 def _requests(workload: Workload):
@@ -31,14 +32,14 @@ def _requests(workload: Workload):
 
 
 def run_engine(model_dir: str | Path, workload: Workload, dtype: str = "float32", progress: bool = False,
-               kv_cache_memory: int = KV_CACHE_MEMORY) -> dict:
+               kv_cache_memory: int = KV_CACHE_MEMORY, decode_attention: str = "torch") -> dict:
     """Generate the workload with the engine; the raw run that `stats.summarize_run` reads."""
     import torch
 
     from glm_ray import LLM
 
     start = time.monotonic()
-    options = engine_options(workload, dtype, kv_cache_memory)
+    options = engine_options(workload, dtype, kv_cache_memory, decode_attention)
     llm = LLM(model=str(model_dir), **options)
     load_time = time.monotonic() - start
     llm.generate(*_requests(warmup_workload(llm.engine.model_config.vocab_size)))

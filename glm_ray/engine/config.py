@@ -13,6 +13,7 @@ from glm_ray.config import ModelConfig
 from glm_ray.device import check_device
 
 GLM46_MAX_OUTPUT_TOKENS = 131072
+DECODE_ATTENTION = ("torch", "cpu-kernel")
 
 
 @dataclass(frozen=True)
@@ -22,6 +23,9 @@ class EngineOptions:
     dtype: str = "auto"  # auto (the checkpoint's), float32, bfloat16
     device: str = "auto"  # auto (CUDA where torch sees it), cpu, cuda, cuda:N (glm_ray/device.py)
     expert_backend: str = "auto"  # routed-expert compute: auto, cpu-kernel, torch, deepspeed (experts/compute.py)
+    # decode attention: torch (its SDPA, as transformers: exact), cpu-kernel (a C kernel reading the paged
+    # cache in place, fp32 on x86 CPUs: faster, equal to torch to fp32 rounding only; engine/decode_attention.py)
+    decode_attention: str = "torch"
     max_num_seqs: int = 64  # sequences running at once
     max_waiting_requests: int | None = None  # queued beyond those, else EngineFullError (async engine); None: no limit
     max_num_batched_tokens: int = 2048  # tokens computed in one step
@@ -52,6 +56,8 @@ class EngineOptions:
         from glm_ray.experts.compute import check_backend
 
         check_backend(self.expert_backend)
+        if self.decode_attention not in DECODE_ATTENTION:
+            raise ValueError(f"decode_attention must be one of {', '.join(DECODE_ATTENTION)}, got {self.decode_attention!r}")
         for name in ("max_num_seqs", "max_num_batched_tokens", "kv_cache_memory", "block_size", "microbatches",
                      "attention_workers"):
             value = getattr(self, name)

@@ -17,7 +17,8 @@ import torch
 import torch.nn.functional as F
 
 from glm_ray.config import ModelConfig
-from glm_ray.engine.attention_workers import AttentionWorkers
+from glm_ray.engine.attention_workers import AttentionWorkers, balance
+from glm_ray.engine.decode_attention import DecodeBatch
 from glm_ray.model.attention import causal_attention
 
 
@@ -27,8 +28,11 @@ def kv_bytes_per_token(config: ModelConfig, dtype: torch.dtype) -> int:
 
 class PagedKVCache:
     def __init__(self, config: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype,
-                 device: torch.device | str = "cpu"):
+                 device: torch.device | str = "cpu", decode_kernel: bool = False):
+        """decode_kernel: decode steps attend with the C kernel (engine/decode_attention.py); the
+        caller has checked `decode_attention.unusable_reason`."""
         self.num_blocks, self.block_size = num_blocks, block_size
+        self.decode_kernel = decode_kernel
         self.device = torch.device(device)
         shape = (num_blocks, block_size, config.num_key_value_heads, config.head_dim)
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
@@ -65,8 +69,17 @@ class PagedAttention:
                           torch.tensor(c.blocks[:_num_blocks(c.context_len, bs)], dtype=torch.long, device=device))
                          for c in chunks if c.num_tokens > 1]
         decodes = sorted((c for c in chunks if c.num_tokens == 1), key=lambda c: c.context_len)
-        # decodes of similar length attend together: each bucket is padded to its own longest
-        self.decode_buckets = [_DecodeBucket(part, bs, cache.k[0].dtype, device) for part in _split(decodes)]
+        self.decode_batches, self.decode_buckets = [], []
+        if decodes and cache.decode_kernel:
+            # the C kernel reads each sequence's blocks in place; with workers, one share each
+            shares = balance([c.context_len for c in decodes], workers.n) if workers else [range(len(decodes))]
+            self.decode_batches = [DecodeBatch([decodes[i].offset for i in share],
+                                               [decodes[i].blocks[:_num_blocks(decodes[i].context_len, bs)]
+                                                for i in share],
+                                               [decodes[i].context_len for i in share]) for share in shares if share]
+        else:
+            # decodes of similar length attend together: each bucket is padded to its own longest
+            self.decode_buckets = [_DecodeBucket(part, bs, cache.k[0].dtype, device) for part in _split(decodes)]
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
         k_cache, v_cache = self.cache.k[layer], self.cache.v[layer]
@@ -86,13 +99,23 @@ class PagedAttention:
         def decode(bucket: _DecodeBucket):
             return bucket.rows, bucket.attend(q, k_cache, v_cache, scale)
 
+        out = torch.empty_like(q)
+        q = q.contiguous()
+        # the kernel's threads: torch's, or one per share where workers run the shares
+        threads = 1 if self.workers else torch.get_num_threads()
+
+        def kernel(batch: DecodeBatch):
+            batch.attend(q, k_cache, v_cache, scale, out, threads)  # writes its rows of out
+
         # cost ~ keys read per query, summed: how long the call takes, for sharing among workers
         calls = [(c.num_tokens * c.context_len, partial(prefill, c, blocks)) for c, blocks in self.prefills]
         calls += [(len(b.rows) * b.width, partial(decode, b)) for b in self.decode_buckets]
+        calls += [(b.cost, partial(kernel, b)) for b in self.decode_batches]
         results = self.workers.run(calls) if self.workers else [call() for _, call in calls]
-        out = torch.empty_like(q)
-        for rows, part in results:  # rows are disjoint
-            out[rows] = part
+        for result in results:  # rows are disjoint
+            if result is not None:
+                rows, part = result
+                out[rows] = part
         return out
 
 

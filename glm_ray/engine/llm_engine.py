@@ -14,6 +14,7 @@ import torch
 
 from glm_ray.config import load_model_config
 from glm_ray.device import resolve_device
+from glm_ray.engine import decode_attention
 from glm_ray.engine.attention_workers import AttentionWorkers, share_projections
 from glm_ray.engine.config import EngineLimits, EngineOptions
 from glm_ray.engine.kv_cache import PagedKVCache, kv_bytes_per_token
@@ -48,7 +49,13 @@ class LLMEngine:
         self.scheduler = Scheduler(SchedulerConfig(
             o.max_num_seqs, o.max_num_batched_tokens, o.block_size, self.limits.num_kv_blocks,
             o.enable_prefix_caching, o.long_prefill_token_threshold))
-        self.cache = PagedKVCache(self.model_config, self.limits.num_kv_blocks, o.block_size, self.dtype, self.device)
+        decode_kernel = o.decode_attention == "cpu-kernel"
+        if decode_kernel:
+            reason = decode_attention.unusable_reason(self.model_config, self.dtype, self.device)
+            if reason:
+                raise ValueError(f"decode_attention cpu-kernel cannot run here: {reason}")
+        self.cache = PagedKVCache(self.model_config, self.limits.num_kv_blocks, o.block_size, self.dtype, self.device,
+                                  decode_kernel=decode_kernel)
         sampler = Sampler(self.model_config.eos_token_ids, torch.Generator(self.device).manual_seed(o.seed))
         workers = None
         if o.attention_workers > 1:

@@ -42,6 +42,10 @@ class ExpertWeights:
 def grouped_swiglu(hidden_states: torch.Tensor, local_ids: torch.Tensor, weights: torch.Tensor,
                    w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
     """hidden_states [T, H]; local_ids/weights [T, K] (slots into w13/w2; -1 = skip) -> [T, H] in fp32."""
+    if swiglu_kernel.usable(hidden_states, w13, w2):  # decode: the whole layer in the C kernel
+        out = swiglu_kernel.moe(hidden_states, local_ids, weights, w13, w2, max_rows=KERNEL_MAX_ROWS)
+        if out is not None:
+            return out
     t, k = local_ids.shape
     flat_ids = local_ids.reshape(-1)  # [P]
     order = torch.argsort(flat_ids, stable=True)

@@ -13,51 +13,15 @@
  * match a BLAS matmul to fp32 rounding, not bit for bit.
  */
 
-#include <immintrin.h>
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 
+#include "simd.h"
+
 #define MR 4
 #define NR 3
 #define ROWS_PER_ITEM 64
-
-static inline float hsum256(__m256 v)
-{
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-}
-
-/* [sum(a), sum(b), sum(c), sum(d)] */
-static inline __m128 hsum4(__m256 a, __m256 b, __m256 c, __m256 d)
-{
-    __m256 ab = _mm256_hadd_ps(a, b), cd = _mm256_hadd_ps(c, d);
-    __m256 abcd = _mm256_hadd_ps(ab, cd); /* per 128-bit lane: a, b, c, d partial sums */
-    return _mm_add_ps(_mm256_castps256_ps128(abcd), _mm256_extractf128_ps(abcd, 1));
-}
-
-/* exp(x) for 8 floats: Cody-Waite range reduction to x = n ln2 + r, |r| <= ln2 / 2, then the
- * Cephes degree-6 polynomial for e^r; ~1 ulp. Inputs are clamped to where fp32 exp is finite and
- * normal (below, e^x comes out 0). */
-static inline __m256 exp256(__m256 x)
-{
-    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3f)), _mm256_set1_ps(88.37626f));
-    __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
-                               _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
-    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
-    p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
-    __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-    return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
-}
 
 /* out[m * ldo + n] = dot(x[m * ldx : + k], w[n * k : + k]) for m < mr, n < nr (mr <= MR, nr <= NR). */
 static inline __attribute__((always_inline)) void tile(const float *x, int64_t ldx, const float *w, int64_t k,
@@ -218,11 +182,7 @@ int glm_ray_swiglu(const float *x, const int64_t *counts, int64_t experts, const
         threads = (int)n_items;
 #pragma omp parallel num_threads(threads)
     {
-        float *scratch = malloc(sizeof(float) * ROWS_PER_ITEM * 3 * inter);
-        if (!scratch) {
-#pragma omp atomic write
-            failed = 1;
-        }
+        float *scratch = thread_scratch(ROWS_PER_ITEM * 3 * inter, &failed);
 #pragma omp for schedule(dynamic, 1)
         for (int64_t it = 0; it < n_items; it++)
             if (scratch)
@@ -231,5 +191,110 @@ int glm_ray_swiglu(const float *x, const int64_t *counts, int64_t experts, const
         free(scratch);
     }
     free(items);
+    return failed ? -1 : 0;
+}
+
+/* A whole MoE layer's routed experts at decode sizes, with the routing bookkeeping in here too:
+ * hidden [T, H], ids [T, K] local expert slots (-1: the pair is computed elsewhere), weights
+ * [T, K] fp32, w13/w2 as above, pairs [T * K, H] scratch, out [T, H].
+ * out[t] = sum over k of weights[t, k] * SwiGLU_{ids[t, k]}(hidden[t]), k in order, skipped pairs
+ * adding 0: what sorting the pairs by expert, one kernel call, scaling and a sum over k give, without
+ * a torch op per stage (each a pass over [T * K, H] and an OpenMP region of its own).
+ * Returns 0, 1 when an expert has more than max_rows rows (declined: nothing written; the caller
+ * takes the torch path, which is faster there), or -1 when scratch memory ran out. */
+int glm_ray_moe(const float *hidden, int64_t t, int64_t k, const int64_t *ids, const float *weights,
+                int64_t experts, const float *w13, const float *w2, float *pairs, float *out, int64_t hidden_size,
+                int64_t inter, int64_t max_rows, int threads)
+{
+    const int64_t p = t * k;
+    int64_t *counts = calloc(experts + 1, sizeof(int64_t));
+    int64_t *order = malloc(sizeof(int64_t) * (p > 0 ? p : 1)); /* pair indices grouped by expert, stable */
+    int64_t *items = malloc(sizeof(int64_t) * 3 * (p > 0 ? p : 1));
+    if (!counts || !order || !items) {
+        free(counts), free(order), free(items);
+        return -1;
+    }
+    for (int64_t i = 0; i < p; i++)
+        if (ids[i] >= 0 && ids[i] < experts)
+            counts[ids[i] + 1]++;
+    int64_t busiest = 0;
+    for (int64_t e = 1; e <= experts; e++)
+        busiest = counts[e] > busiest ? counts[e] : busiest;
+    if (busiest > max_rows) {
+        free(counts), free(order), free(items);
+        return 1;
+    }
+    for (int64_t e = 0; e < experts; e++) /* counts[e] becomes expert e's first place in order */
+        counts[e + 1] += counts[e];
+    int64_t n_items = 0;
+    for (int64_t e = 0; e < experts; e++)
+        for (int64_t r = counts[e]; r < counts[e + 1]; r += ROWS_PER_ITEM) {
+            items[3 * n_items] = e;
+            items[3 * n_items + 1] = r;
+            items[3 * n_items + 2] = counts[e + 1] - r < ROWS_PER_ITEM ? counts[e + 1] - r : ROWS_PER_ITEM;
+            n_items++;
+        }
+    for (int64_t i = 0; i < p; i++)
+        if (ids[i] >= 0 && ids[i] < experts)
+            order[counts[ids[i]]++] = i;
+    int failed = 0;
+    if (threads < 1)
+        threads = 1;
+#pragma omp parallel num_threads(threads)
+    {
+        /* gathered rows, their gate|up and activation, and their outputs */
+        float *x = thread_scratch(ROWS_PER_ITEM * (2 * hidden_size + 3 * inter), &failed);
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t it = 0; it < n_items; it++) {
+            if (!x)
+                continue;
+            int64_t e = items[3 * it], first = items[3 * it + 1], rows = items[3 * it + 2];
+            float *y = x + ROWS_PER_ITEM * hidden_size, *scratch = y + ROWS_PER_ITEM * hidden_size;
+            for (int64_t r = 0; r < rows; r++) {
+                const float *src = hidden + (order[first + r] / k) * hidden_size;
+                for (int64_t h = 0; h < hidden_size; h++)
+                    x[r * hidden_size + h] = src[h];
+            }
+            expert_rows(x, w13, w2, y, 0, rows, e, hidden_size, inter, scratch);
+            for (int64_t r = 0; r < rows; r++) {
+                int64_t pair = order[first + r];
+                __m256 wv = _mm256_set1_ps(weights[pair]);
+                float *dst = pairs + pair * hidden_size, *src = y + r * hidden_size;
+                int64_t h = 0;
+                for (; h + 8 <= hidden_size; h += 8)
+                    _mm256_storeu_ps(dst + h, _mm256_mul_ps(_mm256_loadu_ps(src + h), wv));
+                for (; h < hidden_size; h++)
+                    dst[h] = src[h] * weights[pair];
+            }
+        }
+        /* each token's pairs, summed in k order; a skipped pair adds nothing (as its zero would) */
+#pragma omp for schedule(static)
+        for (int64_t tok = 0; tok < t; tok++) {
+            float *dst = out + tok * hidden_size;
+            int any = 0;
+            for (int64_t j = 0; j < k; j++) {
+                int64_t id = ids[tok * k + j];
+                if (id < 0 || id >= experts)
+                    continue;
+                const float *src = pairs + (tok * k + j) * hidden_size;
+                if (!any) {
+                    for (int64_t h = 0; h < hidden_size; h++)
+                        dst[h] = src[h];
+                    any = 1;
+                } else {
+                    int64_t h = 0;
+                    for (; h + 8 <= hidden_size; h += 8)
+                        _mm256_storeu_ps(dst + h, _mm256_add_ps(_mm256_loadu_ps(dst + h), _mm256_loadu_ps(src + h)));
+                    for (; h < hidden_size; h++)
+                        dst[h] += src[h];
+                }
+            }
+            if (!any)
+                for (int64_t h = 0; h < hidden_size; h++)
+                    dst[h] = 0.0f;
+        }
+        free(x);
+    }
+    free(counts), free(order), free(items);
     return failed ? -1 : 0;
 }

@@ -1,105 +1,43 @@
-"""The C routed-expert kernel (swiglu_kernel.c): built on first use, loaded with ctypes.
+"""The C routed-expert kernel (swiglu_kernel.c), built and loaded by glm_ray/native.
 
 Few rows per expert (decode) is where torch's CPU matmuls lose most: each BLAS call packs the
 expert's weights before using them for a handful of rows. The kernel reads each weight row once
-per expert straight from the checkpoint layout (BENCHMARKS.md, issue 3). It is plain C with
-OpenMP, no Python or torch headers, so it compiles in about a second with the system C compiler
-into the cache beside the built-in model (`~/.cache/glm-ray/kernels/`, or `$GLM_RAY_CACHE/kernels/`),
-keyed by a hash of the source and flags; the file appears by atomic rename,
-so Ray workers building at once are safe. It links the same `libgomp.so.1` torch loaded, so it
-runs on torch's OpenMP threads (torch.get_num_threads()) rather than a second pool.
-
-Where it cannot run (not x86-64 Linux with AVX2 and FMA, no C compiler, `GLM_RAY_CPU_KERNEL=0`),
-`load()` returns None and callers keep the torch paths; the reason is logged once.
+per expert straight from the checkpoint layout (BENCHMARKS.md, issue 3), and `moe` runs a whole
+layer's routed experts in one call: the routing sort, the gather of each expert's rows, the
+SwiGLU, the routing weights and each token's sum over its pairs. Where it cannot run (see
+glm_ray/native), `load()` returns None and callers keep the torch paths.
 """
 
 from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
-import logging
-import os
-import platform
-import shutil
-import subprocess
-import tempfile
 from pathlib import Path
 
 import torch
 
-from glm_ray.model.default import cache_root
-
-log = logging.getLogger(__name__)
+from glm_ray import native
 
 SOURCE = Path(__file__).with_name("swiglu_kernel.c")
-FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC"]
-ENABLE_ENV = "GLM_RAY_CPU_KERNEL"
-
-
-def cache_dir() -> Path:
-    return cache_root() / "kernels"
 
 
 def unavailable_reason() -> str | None:
-    """Why the kernel cannot be built here, or None when it can."""
-    if os.environ.get(ENABLE_ENV, "1") == "0":
-        return f"{ENABLE_ENV}=0"
-    if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
-        return f"needs x86-64 Linux, this is {platform.system()} {platform.machine()}"
-    try:
-        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
-    except (OSError, StopIteration):
-        return "cannot read CPU flags from /proc/cpuinfo"
-    missing = [f for f in ("avx2", "fma") if f not in flags.split()]
-    if missing:
-        return f"the CPU lacks {', '.join(missing)}"
-    if _compiler() is None:
-        return "no C compiler (cc, gcc or $CC) on PATH"
-    return None
-
-
-def _compiler() -> str | None:
-    """$CC, else cc, else gcc: the first found on PATH."""
-    found = (shutil.which(name) for name in (os.environ.get("CC"), "cc", "gcc") if name)
-    return next((path for path in found if path), None)
+    return native.unavailable_reason()
 
 
 def build() -> Path:
-    """The compiled library's path, compiling it if the cache lacks this source's build."""
-    source = SOURCE.read_bytes()
-    digest = hashlib.sha256(source + " ".join(FLAGS).encode()).hexdigest()[:16]
-    target = cache_dir() / f"swiglu_kernel-{digest}.so"
-    if target.exists():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
-    os.close(fd)
-    try:
-        proc = subprocess.run([_compiler(), *FLAGS, "-o", tmp, str(SOURCE)], capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise RuntimeError(f"compiling {SOURCE.name} failed: {proc.stderr.strip()[-2000:]}")
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return target
+    return native.build(SOURCE)
 
 
 @functools.cache
 def load() -> ctypes.CDLL | None:
-    reason = unavailable_reason()
-    if reason is None:
-        try:
-            lib = ctypes.CDLL(str(build()))
-        except (OSError, RuntimeError) as exc:
-            reason = str(exc)
-    if reason is not None:
-        log.info("routed experts use torch matmuls: the C kernel is unavailable (%s)", reason)
-        return None
-    p, i64 = ctypes.c_void_p, ctypes.c_int64
-    lib.glm_ray_swiglu.argtypes = [p, p, i64, p, p, p, i64, i64, ctypes.c_int]
-    lib.glm_ray_swiglu.restype = ctypes.c_int
+    lib = native.load(SOURCE, "routed experts")
+    if lib is not None:
+        p, i64 = ctypes.c_void_p, ctypes.c_int64
+        lib.glm_ray_swiglu.argtypes = [p, p, i64, p, p, p, i64, i64, ctypes.c_int]
+        lib.glm_ray_swiglu.restype = ctypes.c_int
+        lib.glm_ray_moe.argtypes = [p, i64, i64, p, p, i64, p, p, p, p, i64, i64, i64, ctypes.c_int]
+        lib.glm_ray_moe.restype = ctypes.c_int
     return lib
 
 
@@ -131,3 +69,28 @@ def swiglu(x: torch.Tensor, counts: torch.Tensor, w13: torch.Tensor, w2: torch.T
     if rc != 0:
         raise MemoryError("swiglu kernel: could not allocate its scratch memory")
     return y
+
+
+def moe(hidden_states: torch.Tensor, local_ids: torch.Tensor, weights: torch.Tensor, w13: torch.Tensor,
+        w2: torch.Tensor, max_rows: int) -> torch.Tensor | None:
+    """A layer's routed experts whole: hidden_states [T, H] fp32, local_ids [T, K] slots into
+    w13/w2 (-1: skipped), weights [T, K] -> [T, H] fp32, sum over k of weight * SwiGLU of the
+    pair's expert (skipped pairs add nothing); None when an expert has more than `max_rows` rows
+    (prefill), where torch's matmuls are the faster path."""
+    lib = load()
+    t, k = local_ids.shape
+    e, two_i, h = w13.shape
+    if hidden_states.shape != (t, h) or weights.shape != (t, k) or w2.shape != (e, h, two_i // 2):
+        raise ValueError(f"moe: shapes do not agree: hidden_states {tuple(hidden_states.shape)}, local_ids "
+                         f"{tuple(local_ids.shape)}, weights {tuple(weights.shape)}, w13 {tuple(w13.shape)}, "
+                         f"w2 {tuple(w2.shape)}")
+    x = hidden_states.contiguous()
+    ids = local_ids.to(torch.int64).contiguous()
+    w = weights.to(torch.float32).contiguous()
+    pairs = torch.empty(t * k, h, dtype=torch.float32)
+    out = torch.empty(t, h, dtype=torch.float32)
+    rc = lib.glm_ray_moe(x.data_ptr(), t, k, ids.data_ptr(), w.data_ptr(), e, w13.data_ptr(), w2.data_ptr(),
+                         pairs.data_ptr(), out.data_ptr(), h, two_i // 2, max_rows, torch.get_num_threads())
+    if rc < 0:
+        raise MemoryError("moe kernel: could not allocate its scratch memory")
+    return out if rc == 0 else None

@@ -87,6 +87,7 @@ def build_app(config: ServeConfig | dict) -> Application:
             look_back_s=scaling.look_back_s if scaling else 10.0, drain_wait_s=drain_wait_s,
             stop_grace_s=stop_grace_s, device=cfg.device, expert_backend=cfg.expert_backend))
     engine_options = dict(dtype=cfg.dtype, device=cfg.device, expert_backend=cfg.expert_backend,
+                          decode_attention=cfg.decode_attention,
                           max_waiting_requests=cfg.max_waiting_requests, kv_cache_memory=cfg.kv_cache_memory, max_num_seqs=cfg.max_num_seqs,
                           max_num_batched_tokens=cfg.max_num_batched_tokens, max_model_len=cfg.max_model_len,
                           microbatches=cfg.microbatches)

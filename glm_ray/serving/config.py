@@ -92,6 +92,10 @@ class ServeConfig(BaseModel):
         "auto", description="routed-expert compute: auto (GPU: deepspeed when its kernels load, else torch with a "
         "warning; CPU: cpu-kernel), cpu-kernel (CPU only), torch (grouped GEMM, CPU or GPU), deepspeed (DeepSpeed "
         "inference-v2 MoE kernels, GPU only: fails at start-up naming the kernel that cannot load)")
+    decode_attention: Literal["torch", "cpu-kernel"] = Field(
+        "torch", description="decode attention: torch (its SDPA, as transformers: greedy outputs token-identical), "
+        "cpu-kernel (a C kernel reading the paged KV cache in place, fp32 on x86 CPUs with AVX2: faster decode "
+        "steps, equal to torch to fp32 rounding only, so greedy outputs can part from transformers' at near ties)")
 
     host: str = Field("127.0.0.1", description="HTTP bind address")
     http_port: int = Field(8000, ge=0, le=65535, description="HTTP port of the ingress")

@@ -246,6 +246,33 @@ def test_attention_workers_give_the_same_outputs(tiny_model_dir, llm):
         assert g.outputs[0].logprobs == w.outputs[0].logprobs and g.prompt_logprobs == w.prompt_logprobs
 
 
+def test_decode_attention_kernel_gives_the_same_tokens(tiny_model_dir, llm):
+    """The opt-in C decode-attention kernel, alone and shared among attention workers: 36
+    sequences give the tokens of torch's attention, and logprobs equal to fp32 rounding."""
+    from glm_ray import native
+
+    if native.unavailable_reason():
+        pytest.skip(f"C kernels unavailable: {native.unavailable_reason()}")
+    prompts = [{"prompt_token_ids": prompt(n, seed=n)["prompt_token_ids"]} for n in range(3, 39)]
+    params = greedy(max_tokens=8, ignore_eos=True, logprobs=2)
+    want = llm.generate(prompts, params)
+    for workers in (1, 2):
+        got = LLM(tiny_model_dir, dtype="float32", decode_attention="cpu-kernel",
+                  attention_workers=workers).generate(prompts, params)
+        for g, w in zip(got, want):
+            assert g.outputs[0].token_ids == w.outputs[0].token_ids
+            for a, b in zip(g.outputs[0].logprobs, w.outputs[0].logprobs):
+                for t in b:
+                    assert abs(a[t].logprob - b[t].logprob) < 1e-4
+
+
+def test_decode_attention_kernel_is_refused_where_it_cannot_run(tiny_model_dir):
+    with pytest.raises(ValueError, match="decode_attention must be one of torch, cpu-kernel, got 'flash'"):
+        EngineOptions(decode_attention="flash")
+    with pytest.raises(ValueError, match="decode_attention cpu-kernel cannot run here: .*fp32 on the CPU.*bfloat16"):
+        LLM(tiny_model_dir, dtype="bfloat16", decode_attention="cpu-kernel")
+
+
 def test_attention_workers_must_be_positive(tiny_model_dir):
     with pytest.raises(ValueError, match="attention_workers must be an integer >= 1, got 0"):
         LLM(tiny_model_dir, attention_workers=0)

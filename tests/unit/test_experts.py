@@ -137,7 +137,7 @@ def test_bias_chooses_but_does_not_weight():
 
 # The C kernel (glm_ray/experts/swiglu_kernel.c). On a machine where it can be built it must be;
 # elsewhere (no compiler, no AVX2) the torch paths run and these tests skip.
-from glm_ray.experts import swiglu_kernel  # noqa: E402
+from glm_ray.experts import local, swiglu_kernel  # noqa: E402
 
 needs_kernel = pytest.mark.skipif(swiglu_kernel.unavailable_reason() is not None,
                                   reason=f"C kernel unavailable: {swiglu_kernel.unavailable_reason()}")
@@ -161,6 +161,37 @@ def test_kernel_equals_the_looped_path(hidden, inter):
     x = torch.randn(int(counts.sum()), hidden, generator=g)
     torch.testing.assert_close(swiglu_kernel.swiglu(x, counts, w13, w2), local._looped_experts(x, counts, w13, w2),
                                rtol=1e-5, atol=1e-5)
+
+
+@needs_kernel
+@pytest.mark.parametrize("tokens", [0, 1, 7, 64])
+def test_whole_layer_kernel_equals_the_definition(tokens):
+    """`moe`: routing sort, gather, SwiGLU, weights and each token's sum in one call, with pairs
+    routed elsewhere (-1) adding nothing and a token with no pair here coming out zero."""
+    g = torch.Generator().manual_seed(tokens)
+    w13, w2 = random_experts()
+    e = w13.shape[0]
+    x = torch.randn(tokens, H, generator=g)
+    ids = torch.randint(-1, e, (tokens, 4), generator=g)
+    if tokens:
+        ids[0] = -1  # routed nowhere here
+    weights = torch.rand(tokens, 4, generator=g)
+    got = swiglu_kernel.moe(x, ids, weights, w13, w2, max_rows=96)
+    want = local.reference_moe(x, ids, weights, {i: (w13[i], w2[i]) for i in range(e)})
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    if tokens:
+        assert torch.equal(got[0], torch.zeros(H))
+    # the layer as the engine runs it takes this path, and its result
+    torch.testing.assert_close(local.grouped_swiglu(x, ids, weights, w13, w2), got, rtol=0, atol=0)
+
+
+@needs_kernel
+def test_whole_layer_kernel_declines_prefill_sizes():
+    w13, w2 = random_experts()
+    x, ids = torch.randn(40, H), torch.zeros(40, 4, dtype=torch.long)  # 160 rows on expert 0
+    assert swiglu_kernel.moe(x, ids, torch.rand(40, 4), w13, w2, max_rows=96) is None
+    want = local.reference_moe(x, ids, torch.ones(40, 4), {i: (w13[i], w2[i]) for i in range(w13.shape[0])})
+    torch.testing.assert_close(local.grouped_swiglu(x, ids, torch.ones(40, 4), w13, w2), want, rtol=1e-4, atol=1e-4)
 
 
 @needs_kernel

@@ -2,9 +2,12 @@
 
 import random
 
+import pytest
 import torch
 
+from glm_ray import native
 from glm_ray.config import config_from_dict
+from glm_ray.engine import decode_attention
 from glm_ray.engine.kv_cache import MAX_DECODE_BUCKETS, PagedAttention, PagedKVCache, StepChunk, _split
 from glm_ray.model.attention import causal_attention
 from glm_ray.model.synthetic import preset_config
@@ -12,21 +15,28 @@ from glm_ray.model.synthetic import preset_config
 HQ, HKV, D, BS = 8, 2, 16, 4
 
 
-def _config():
+def _config(head_dim=D):
     return config_from_dict(preset_config("tiny", {"num_attention_heads": HQ, "num_key_value_heads": HKV,
-                                                   "head_dim": D, "num_hidden_layers": 1}))
+                                                   "head_dim": head_dim, "num_hidden_layers": 1}))
 
 
-def test_mixed_step_matches_per_sequence_attention():
-    """40 decodes of lengths 1..90 (several buckets), a whole prompt and a continued prompt, with
-    scattered blocks: every query row equals causal attention over that sequence's own keys."""
+@pytest.mark.parametrize("kernel,head_dim", [(True, D), (True, 64), (True, 12), (False, D)],
+                         ids=["c-kernel", "c-kernel-d64", "c-kernel-d12", "torch-buckets"])
+def test_mixed_step_matches_per_sequence_attention(kernel, head_dim):
+    """41 decodes of lengths 1..90 and 300 (several buckets, or the C kernel), a whole prompt and a
+    continued prompt, with scattered blocks: every query row equals causal attention over that
+    sequence's own keys. The kernel's head sizes: 16 (8-lane dot products), 64 (values kept in
+    registers), 12 (the scalar tails)."""
+    D = head_dim
+    if kernel and decode_attention.load() is None:
+        pytest.skip(f"C kernel unavailable: {native.unavailable_reason()}")
     rng = random.Random(0)
     g = torch.Generator().manual_seed(0)
-    cache = PagedKVCache(_config(), num_blocks=2000, block_size=BS, dtype=torch.float32)
+    cache = PagedKVCache(_config(D), num_blocks=2000, block_size=BS, dtype=torch.float32, decode_kernel=kernel)
     free = list(range(1, 2000))
     rng.shuffle(free)
     # (context_len, num_new_tokens): decodes, one fresh prompt, one prompt continued after 10 cached tokens
-    shapes = [(rng.randint(1, 90), 1) for _ in range(40)] + [(13, 13), (25, 15)]
+    shapes = [(rng.randint(1, 90), 1) for _ in range(40)] + [(300, 1), (13, 13), (25, 15)]
     chunks, history, offset = [], [], 0
     for context_len, n in shapes:
         blocks = [free.pop() for _ in range(-(-context_len // BS))]
@@ -43,7 +53,10 @@ def test_mixed_step_matches_per_sequence_attention():
     v_new = torch.cat([v[c.context_len - c.num_tokens:] for c, (_, v) in zip(chunks, history)])
 
     attn = PagedAttention(cache, chunks)
-    assert len(attn.decode_buckets) == 2  # 40 decodes: buckets of at least 16
+    if kernel:
+        assert len(attn.decode_batches) == 1 and not attn.decode_buckets
+    else:
+        assert len(attn.decode_buckets) == 2  # 40 decodes: buckets of at least 16
     out = attn.attend(0, q, k_new, v_new, scale=D**-0.5)
     for c, (k_all, v_all) in zip(chunks, history):
         rows = slice(c.offset, c.offset + c.num_tokens)
@@ -60,16 +73,21 @@ def test_buckets_are_length_sorted_runs_of_similar_size():
     assert len(_split(chunks[:10])) == 1 and _split([]) == []
 
 
-def test_attention_workers_give_bitwise_the_same_step():
-    """The same mixed step (two decode buckets, a fresh and a continued prompt) shared among 2 or
-    3 threads: every row is bit-identical to the one-thread result, and helpers did run calls."""
+@pytest.mark.parametrize("kernel", [False, True], ids=["torch-buckets", "c-kernel"])
+def test_attention_workers_give_bitwise_the_same_step(kernel):
+    """The same mixed step (two decode buckets or kernel shares, a fresh and a continued prompt)
+    shared among 2 or 3 threads: every row is bit-identical to the one-thread result, and helpers
+    did run calls."""
     import threading
+
+    if kernel and decode_attention.load() is None:
+        pytest.skip(f"C kernel unavailable: {native.unavailable_reason()}")
 
     from glm_ray.engine.attention_workers import AttentionWorkers
 
     rng = random.Random(1)
     g = torch.Generator().manual_seed(1)
-    cache = PagedKVCache(_config(), num_blocks=2000, block_size=BS, dtype=torch.float32)
+    cache = PagedKVCache(_config(), num_blocks=2000, block_size=BS, dtype=torch.float32, decode_kernel=kernel)
     for t in cache.k + cache.v:
         t.normal_(generator=g)
     free = list(range(1, 2000))
