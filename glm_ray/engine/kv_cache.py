@@ -99,7 +99,7 @@ class PagedAttention:
         def decode(bucket: _DecodeBucket):
             return bucket.rows, bucket.attend(q, k_cache, v_cache, scale)
 
-        out = torch.empty_like(q)
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)  # contiguous, as the kernel writes it
         q = q.contiguous()
         # the kernel's threads: torch's, or one per share where workers run the shares
         threads = 1 if self.workers else torch.get_num_threads()

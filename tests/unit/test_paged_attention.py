@@ -48,7 +48,7 @@ def test_mixed_step_matches_per_sequence_attention(kernel, head_dim):
         chunks.append(StepChunk(offset, n, context_len, blocks))
         history.append((k_all, v_all))
         offset += n
-    q = torch.randn(offset, HQ, D, generator=g)
+    q = torch.randn(offset, HQ, 2 * D, generator=g)[..., :D]  # a strided view, as a projection's split gives
     k_new = torch.cat([k[c.context_len - c.num_tokens:] for c, (k, _) in zip(chunks, history)])
     v_new = torch.cat([v[c.context_len - c.num_tokens:] for c, (_, v) in zip(chunks, history)])
 
