@@ -42,7 +42,7 @@ class ExpertWeights:
 def grouped_swiglu(hidden_states: torch.Tensor, local_ids: torch.Tensor, weights: torch.Tensor,
                    w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
     """hidden_states [T, H]; local_ids/weights [T, K] (slots into w13/w2; -1 = skip) -> [T, H] in fp32."""
-    if swiglu_kernel.usable(hidden_states, w13, w2):  # decode: the whole layer in the C kernel
+    if swiglu_kernel.usable(hidden_states, w13, w2):  # up to KERNEL_MAX_ROWS an expert: the whole layer in C
         out = swiglu_kernel.moe(hidden_states, local_ids, weights, w13, w2, max_rows=KERNEL_MAX_ROWS)
         if out is not None:
             return out
@@ -54,7 +54,7 @@ def grouped_swiglu(hidden_states: torch.Tensor, local_ids: torch.Tensor, weights
     order, sorted_ids = order[skipped:], sorted_ids[skipped:]
     counts = torch.bincount(sorted_ids, minlength=w13.shape[0])
     x = hidden_states[order // k]  # [P', H], grouped by expert
-    y = _experts_path(counts, kernel=swiglu_kernel.usable(x, w13, w2))(x, counts, w13, w2)
+    y = _experts_path(counts)(x, counts, w13, w2)
     # un-sort with one row scatter, then add each token's K pairs (no index_add_, which is slow on CPU)
     pairs = torch.zeros(t * k, hidden_states.shape[1], dtype=torch.float32, device=x.device)
     pairs[order] = y * weights.reshape(-1)[order, None].float()
@@ -66,14 +66,12 @@ PADDED_MAX_ROWS = 32  # up to this many tokens per expert, one padded bmm beats 
 KERNEL_MAX_ROWS = 96  # up to this many, the C kernel beats both (beyond, all three are level)
 
 
-def _experts_path(counts: torch.Tensor, kernel: bool = False):
-    """Few tokens per expert (decode) is memory bound. The C kernel (swiglu_kernel.c) reads each
-    expert's weights once without a packing pass: fastest up to KERNEL_MAX_ROWS rows an expert,
-    wherever it can run (fp32 on an AVX2 CPU). Without it, a padded batched matmul over all experts
-    streams the weights fastest, as long as nearly every expert has work (an idle expert's weights
-    would be read for nothing). Otherwise grouped_mm runs each expert on exactly its rows."""
-    if kernel and counts.numel() and int(counts.max()) <= KERNEL_MAX_ROWS:
-        return swiglu_kernel.swiglu
+def _experts_path(counts: torch.Tensor):
+    """The torch path for the experts' rows, where the C kernel (`swiglu_kernel.moe`, tried first
+    by `grouped_swiglu`) cannot run or declined. Few tokens per expert (decode) is memory bound: a
+    padded batched matmul over all experts streams the weights fastest, as long as nearly every
+    expert has work (an idle expert's weights would be read for nothing). Otherwise grouped_mm
+    runs each expert on exactly its rows."""
     if not _HAS_GROUPED_MM:
         return _looped_experts
     if counts.numel() and int(counts.max()) <= PADDED_MAX_ROWS and 4 * int((counts > 0).sum()) >= 3 * counts.numel():

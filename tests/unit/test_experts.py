@@ -215,9 +215,12 @@ def test_kernel_silu_holds_at_extreme_gate_values():
 def test_decode_sizes_take_the_kernel_when_usable():
     import glm_ray.experts.local as local
 
-    assert local._experts_path(torch.full((32,), 8), kernel=True) is swiglu_kernel.swiglu
-    assert local._experts_path(torch.full((32,), 300), kernel=True) is not swiglu_kernel.swiglu  # prefill
     w13, w2 = random_experts()
+    decode, prefill = torch.arange(E * 8) % E, torch.zeros(300, dtype=torch.long)  # 8 rows an expert; 300 on one
+    for ids, takes in ((decode, True), (prefill, False)):
+        out = swiglu_kernel.moe(torch.randn(len(ids), H), ids[:, None], torch.ones(len(ids), 1), w13, w2,
+                                max_rows=local.KERNEL_MAX_ROWS)
+        assert (out is not None) is takes
     assert swiglu_kernel.usable(torch.randn(3, H), w13, w2)
     assert not swiglu_kernel.usable(torch.randn(3, H).bfloat16(), *random_experts(dtype=torch.bfloat16))
     assert not swiglu_kernel.usable(torch.randn(3, H), w13.transpose(1, 2).contiguous().transpose(1, 2), w2)
