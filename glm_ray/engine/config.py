@@ -40,6 +40,10 @@ class EngineOptions:
     retain_freed_memory: bool = True  # keep large freed blocks in this process's heap (engine/memory.py)
     microbatches: int = 1  # >1: a step's sequences in groups run interleaved (remote experts overlap)
     attention_workers: int = 1  # >1: threads sharing each layer's attention calls (engine/attention_workers.py)
+    # threads of the C kernels (routed experts, decode attention), which take their work items as threads get
+    # free; None: torch's intra-op threads. A server keeping torch a core short for its front end gives them
+    # every core (serving/attention.py)
+    kernel_threads: int | None = None
 
     @classmethod
     def from_kwargs(cls, **kwargs) -> EngineOptions:
@@ -64,7 +68,7 @@ class EngineOptions:
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
         for name in ("max_model_len", "max_output_tokens", "num_kv_blocks", "long_prefill_token_threshold",
-                     "max_waiting_requests"):
+                     "max_waiting_requests", "kernel_threads"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise ValueError(f"{name} must be None or an integer >= 1, got {value!r}")

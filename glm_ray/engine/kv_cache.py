@@ -28,11 +28,12 @@ def kv_bytes_per_token(config: ModelConfig, dtype: torch.dtype) -> int:
 
 class PagedKVCache:
     def __init__(self, config: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype,
-                 device: torch.device | str = "cpu", decode_kernel: bool = False):
+                 device: torch.device | str = "cpu", decode_kernel: bool = False, kernel_threads: int | None = None):
         """decode_kernel: decode steps attend with the C kernel (engine/decode_attention.py); the
-        caller has checked `decode_attention.unusable_reason`."""
+        caller has checked `decode_attention.unusable_reason`. kernel_threads: its threads without
+        attention workers (None: torch's)."""
         self.num_blocks, self.block_size = num_blocks, block_size
-        self.decode_kernel = decode_kernel
+        self.decode_kernel, self.kernel_threads = decode_kernel, kernel_threads
         self.device = torch.device(device)
         shape = (num_blocks, block_size, config.num_key_value_heads, config.head_dim)
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
@@ -102,7 +103,7 @@ class PagedAttention:
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)  # contiguous, as the kernel writes it
         q = q.contiguous()
         # the kernel's threads: torch's, or one per share where workers run the shares
-        threads = 1 if self.workers else torch.get_num_threads()
+        threads = 1 if self.workers else self.cache.kernel_threads or torch.get_num_threads()
 
         def kernel(batch: DecodeBatch):
             batch.attend(q, k_cache, v_cache, scale, out, threads)  # writes its rows of out

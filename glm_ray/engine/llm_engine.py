@@ -41,7 +41,8 @@ class LLMEngine:
         self.dtype = resolve_dtype(self.options.dtype, self.model_config, device=self.device)
         self.tokenizer = Tokenizer.from_pretrained(self.model_dir)
         self.model, local, _ = load_model(self.model_dir, dtype=self.dtype, with_experts=experts is None,
-                                          device=self.device, expert_backend=self.options.expert_backend)
+                                          device=self.device, expert_backend=self.options.expert_backend,
+                                          kernel_threads=self.options.kernel_threads)
         self.experts = experts or local
         self.limits = EngineLimits.resolve(self.options, self.model_config,
                                            kv_bytes_per_token(self.model_config, self.dtype))
@@ -55,7 +56,7 @@ class LLMEngine:
             if reason:
                 raise ValueError(f"decode_attention cpu-kernel cannot run here: {reason}")
         self.cache = PagedKVCache(self.model_config, self.limits.num_kv_blocks, o.block_size, self.dtype, self.device,
-                                  decode_kernel=decode_kernel)
+                                  decode_kernel=decode_kernel, kernel_threads=o.kernel_threads)
         sampler = Sampler(self.model_config.eos_token_ids, torch.Generator(self.device).manual_seed(o.seed))
         workers = None
         if o.attention_workers > 1:

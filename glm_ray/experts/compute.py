@@ -48,22 +48,24 @@ class ExpertCompute:
         return self.fn(hidden_states, local_ids, topk_weights, held, all_held=all_held)
 
 
-def select_compute(name: str, device: torch.device, load_deepspeed: Callable | None = None) -> ExpertCompute:
+def select_compute(name: str, device: torch.device, load_deepspeed: Callable | None = None,
+                   kernel_threads: int | None = None) -> ExpertCompute:
     """The backend `name` asks for on `device`. An explicit choice that cannot run there is a
     ValueError naming why; `auto` falls back (deepspeed -> torch on CUDA) with a warning.
-    load_deepspeed: returns the DeepSpeed compute or raises DeepSpeedUnavailable (a test seam)."""
+    load_deepspeed: returns the DeepSpeed compute or raises DeepSpeedUnavailable (a test seam).
+    kernel_threads: threads of cpu-kernel's C kernel (None: torch's intra-op threads)."""
     check_backend(name)
     device = torch.device(device)
     if name == "cpu-kernel":
         if device.type != "cpu":
             raise ValueError(f"expert_backend cpu-kernel runs on CPU only, and this process computes on {device}: "
                              "use torch or deepspeed (or auto)")
-        return ExpertCompute("cpu-kernel", _cpu_kernel)
+        return ExpertCompute("cpu-kernel", functools.partial(_cpu_kernel, kernel_threads=kernel_threads))
     if name == "torch":
         return ExpertCompute("torch", torch_grouped_swiglu)
     if device.type != "cuda":
         if name == "auto":
-            return ExpertCompute("cpu-kernel", _cpu_kernel)
+            return ExpertCompute("cpu-kernel", functools.partial(_cpu_kernel, kernel_threads=kernel_threads))
         raise ValueError(f"expert_backend deepspeed needs CUDA, and this process computes on {device}: "
                          "use device cuda, or expert_backend torch / cpu-kernel")
     if load_deepspeed is None:
@@ -79,10 +81,11 @@ def select_compute(name: str, device: torch.device, load_deepspeed: Callable | N
         return ExpertCompute("torch", torch_grouped_swiglu, note=f"deepspeed unavailable: {e}")
 
 
-def _cpu_kernel(hidden_states, local_ids, topk_weights, held, all_held: bool = False) -> torch.Tensor:
+def _cpu_kernel(hidden_states, local_ids, topk_weights, held, all_held: bool = False,
+                kernel_threads: int | None = None) -> torch.Tensor:
     from glm_ray.experts.local import grouped_swiglu
 
-    return grouped_swiglu(hidden_states, local_ids, topk_weights, held.w13, held.w2)
+    return grouped_swiglu(hidden_states, local_ids, topk_weights, held.w13, held.w2, kernel_threads)
 
 
 def torch_grouped_swiglu(hidden_states, local_ids, topk_weights, held, all_held: bool = False) -> torch.Tensor:

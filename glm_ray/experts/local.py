@@ -40,10 +40,12 @@ class ExpertWeights:
 
 
 def grouped_swiglu(hidden_states: torch.Tensor, local_ids: torch.Tensor, weights: torch.Tensor,
-                   w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
-    """hidden_states [T, H]; local_ids/weights [T, K] (slots into w13/w2; -1 = skip) -> [T, H] in fp32."""
+                   w13: torch.Tensor, w2: torch.Tensor, kernel_threads: int | None = None) -> torch.Tensor:
+    """hidden_states [T, H]; local_ids/weights [T, K] (slots into w13/w2; -1 = skip) -> [T, H] in fp32.
+    kernel_threads: the C kernel's threads (None: torch's)."""
     if swiglu_kernel.usable(hidden_states, w13, w2):  # up to KERNEL_MAX_ROWS an expert: the whole layer in C
-        out = swiglu_kernel.moe(hidden_states, local_ids, weights, w13, w2, max_rows=KERNEL_MAX_ROWS)
+        out = swiglu_kernel.moe(hidden_states, local_ids, weights, w13, w2, max_rows=KERNEL_MAX_ROWS,
+                                threads=kernel_threads)
         if out is not None:
             return out
     t, k = local_ids.shape

@@ -72,11 +72,13 @@ def swiglu(x: torch.Tensor, counts: torch.Tensor, w13: torch.Tensor, w2: torch.T
 
 
 def moe(hidden_states: torch.Tensor, local_ids: torch.Tensor, weights: torch.Tensor, w13: torch.Tensor,
-        w2: torch.Tensor, max_rows: int) -> torch.Tensor | None:
+        w2: torch.Tensor, max_rows: int, threads: int | None = None) -> torch.Tensor | None:
     """A layer's routed experts whole: hidden_states [T, H] fp32, local_ids [T, K] slots into
     w13/w2 (-1: skipped), weights [T, K] -> [T, H] fp32, sum over k of weight * SwiGLU of the
     pair's expert (skipped pairs add nothing); None when an expert has more than `max_rows` rows
-    (prefill), where torch's matmuls are the faster path."""
+    (prefill), where torch's matmuls are the faster path. threads: the kernel's OpenMP threads
+    (None: torch's intra-op threads); each takes (expert, rows) items as it gets free, so the
+    result is the same for any count."""
     lib = load()
     t, k = local_ids.shape
     e, two_i, h = w13.shape
@@ -90,7 +92,7 @@ def moe(hidden_states: torch.Tensor, local_ids: torch.Tensor, weights: torch.Ten
     pairs = torch.empty(t * k, h, dtype=torch.float32)
     out = torch.empty(t, h, dtype=torch.float32)
     rc = lib.glm_ray_moe(x.data_ptr(), t, k, ids.data_ptr(), w.data_ptr(), e, w13.data_ptr(), w2.data_ptr(),
-                         pairs.data_ptr(), out.data_ptr(), h, two_i // 2, max_rows, torch.get_num_threads())
+                         pairs.data_ptr(), out.data_ptr(), h, two_i // 2, max_rows, threads or torch.get_num_threads())
     if rc < 0:
         raise MemoryError("moe kernel: could not allocate its scratch memory")
     return out if rc == 0 else None

@@ -252,15 +252,17 @@ class ExpertReader:
 
 
 def load_model(model_dir: str | Path, *, dtype: str | torch.dtype = "auto", progress: bool | None = None,
-               with_experts: bool = True, device: torch.device | str = "cpu", expert_backend: str = "auto"):
+               with_experts: bool = True, device: torch.device | str = "cpu", expert_backend: str = "auto",
+               kernel_threads: int | None = None):
     """(Glm4MoeModel, LocalExperts or None, ModelConfig), on `device`. `with_experts=False` reads no
-    routed-expert tensor (an attention replica, whose experts are remote)."""
+    routed-expert tensor (an attention replica, whose experts are remote). kernel_threads: of the
+    experts' C kernel (None: torch's)."""
     from glm_ray.experts.compute import select_compute
     from glm_ray.model.glm4_moe import Glm4MoeModel
 
     config = load_model_config(model_dir)
     device = torch.device(device)
-    compute = select_compute(expert_backend, device) if with_experts else None  # a bad choice fails before loading
+    compute = select_compute(expert_backend, device, kernel_threads=kernel_threads) if with_experts else None  # a bad choice fails before loading
     weights = load_weights(model_dir, config, dtype=dtype, progress=progress,
                            expert_ids=None if with_experts else [], device=device)
     with torch.device("meta"):

@@ -173,7 +173,13 @@ class AttentionReplica:
         device = resolve_device(engine_options.get("device", "auto"), gpus_assigned=ray_gpus_assigned())
         engine_options = {**engine_options, "device": str(device)}
         if placement is None:
-            compute = select_compute(engine_options.get("expert_backend", "auto"), device)
+            # the C kernels (routed experts, decode attention) get every core: their threads take work
+            # items as they get free, so a thread the front end preempts holds up one item, not a
+            # barrier (BENCHMARKS.md, issue 18: +22% streamed on 2 cores)
+            kernel_threads = engine_options.get("kernel_threads") or len(os.sched_getaffinity(0))
+            engine_options = {**engine_options, "kernel_threads": kernel_threads}
+            compute = select_compute(engine_options.get("expert_backend", "auto"), device,
+                                     kernel_threads=kernel_threads)
             weights = load_weights(model_dir, dtype=engine_options.get("dtype", "auto"), dense=False, device=device)
             self.experts, workers, engine_threads = LocalExperts(weights.experts, compute), 1, num_threads
             num_experts = load_model_config(model_dir).n_routed_experts

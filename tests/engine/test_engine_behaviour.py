@@ -278,6 +278,25 @@ def test_attention_workers_must_be_positive(tiny_model_dir):
         LLM(tiny_model_dir, attention_workers=0)
 
 
+def test_kernel_threads_change_no_token(tiny_model_dir):
+    """The C kernels on 3 threads whatever torch's count (what a colocated replica does): the
+    same tokens and logprobs, bit for bit, as a fresh engine with the default (a used one's prefix
+    cache would change its prefill shapes); a count below 1 is refused."""
+    from glm_ray import native
+
+    if native.unavailable_reason():
+        pytest.skip(f"C kernels unavailable: {native.unavailable_reason()}")
+    prompts = [{"prompt_token_ids": prompt(n, seed=n)["prompt_token_ids"]} for n in range(3, 23)]
+    params = greedy(max_tokens=6, ignore_eos=True, logprobs=2)
+    want = LLM(tiny_model_dir, dtype="float32").generate(prompts, params)
+    got = LLM(tiny_model_dir, dtype="float32", kernel_threads=3).generate(prompts, params)
+    for g, w in zip(got, want):
+        assert g.outputs[0].token_ids == w.outputs[0].token_ids
+        assert g.outputs[0].logprobs == w.outputs[0].logprobs
+    with pytest.raises(ValueError, match="kernel_threads must be None or an integer >= 1, got 0"):
+        EngineOptions(kernel_threads=0)
+
+
 def test_submit_batches_a_sinks_deltas_per_step(tiny_model_dir):
     """`submit`: every step's deltas of a sink's requests arrive in one call, equal to `generate`'s."""
     import threading

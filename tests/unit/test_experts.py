@@ -186,6 +186,21 @@ def test_whole_layer_kernel_equals_the_definition(tokens):
 
 
 @needs_kernel
+def test_whole_layer_kernel_gives_the_same_bits_on_any_thread_count():
+    """`threads` only changes who computes an (expert, rows) item, never its arithmetic: a replica
+    may run the kernel on more threads than torch's (serving/attention.py)."""
+    g = torch.Generator().manual_seed(5)
+    w13, w2 = random_experts()
+    x = torch.randn(64, H, generator=g)
+    ids = torch.randint(-1, w13.shape[0], (64, 4), generator=g)
+    weights = torch.rand(64, 4, generator=g)
+    want = swiglu_kernel.moe(x, ids, weights, w13, w2, max_rows=96, threads=1)
+    for threads in (2, 3):
+        assert torch.equal(swiglu_kernel.moe(x, ids, weights, w13, w2, max_rows=96, threads=threads), want)
+        assert torch.equal(local.grouped_swiglu(x, ids, weights, w13, w2, kernel_threads=threads), want)
+
+
+@needs_kernel
 def test_whole_layer_kernel_declines_prefill_sizes():
     w13, w2 = random_experts()
     x, ids = torch.randn(40, H), torch.zeros(40, 4, dtype=torch.long)  # 160 rows on expert 0

@@ -23,10 +23,10 @@ def _config(head_dim=D):
 @pytest.mark.parametrize("kernel,head_dim", [(True, D), (True, 64), (True, 12), (False, D)],
                          ids=["c-kernel", "c-kernel-d64", "c-kernel-d12", "torch-buckets"])
 def test_mixed_step_matches_per_sequence_attention(kernel, head_dim):
-    """41 decodes of lengths 1..90 and 300 (several buckets, or the C kernel), a whole prompt and a
-    continued prompt, with scattered blocks: every query row equals causal attention over that
-    sequence's own keys. The kernel's head sizes: 16 (8-lane dot products), 64 (values kept in
-    registers), 12 (the scalar tails)."""
+    """42 decodes of lengths 1..90, 300 and 1100 (several buckets, or the C kernel, whose online
+    softmax then rescales over many chunks), a whole prompt and a continued prompt, with scattered
+    blocks: every query row equals causal attention over that sequence's own keys. The kernel's
+    head sizes: 16 (8-lane dot products), 64 (values kept in registers), 12 (the scalar tails)."""
     D = head_dim
     if kernel and decode_attention.load() is None:
         pytest.skip(f"C kernel unavailable: {native.unavailable_reason()}")
@@ -36,7 +36,7 @@ def test_mixed_step_matches_per_sequence_attention(kernel, head_dim):
     free = list(range(1, 2000))
     rng.shuffle(free)
     # (context_len, num_new_tokens): decodes, one fresh prompt, one prompt continued after 10 cached tokens
-    shapes = [(rng.randint(1, 90), 1) for _ in range(40)] + [(300, 1), (13, 13), (25, 15)]
+    shapes = [(rng.randint(1, 90), 1) for _ in range(40)] + [(300, 1), (1100, 1), (13, 13), (25, 15)]
     chunks, history, offset = [], [], 0
     for context_len, n in shapes:
         blocks = [free.pop() for _ in range(-(-context_len // BS))]
