@@ -44,6 +44,10 @@ class EngineOptions:
     # free; None: torch's intra-op threads. A server keeping torch a core short for its front end gives them
     # every core (serving/attention.py)
     kernel_threads: int | None = None
+    # torch's threads in a step of at least WIDE_STEP_TOKENS tokens (prefill; engine/llm_engine.py); None: torch's
+    # setting. Ops that large lose little to a thread preempted at a barrier, so a server that keeps torch a core
+    # short for its front end gives them every core
+    wide_step_threads: int | None = None
 
     @classmethod
     def from_kwargs(cls, **kwargs) -> EngineOptions:
@@ -68,7 +72,7 @@ class EngineOptions:
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
         for name in ("max_model_len", "max_output_tokens", "num_kv_blocks", "long_prefill_token_threshold",
-                     "max_waiting_requests", "kernel_threads"):
+                     "max_waiting_requests", "kernel_threads", "wide_step_threads"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise ValueError(f"{name} must be None or an integer >= 1, got {value!r}")

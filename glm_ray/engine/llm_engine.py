@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -125,7 +126,8 @@ class LLMEngine:
     def step(self) -> list[RequestDelta]:
         start = time.perf_counter()
         out = self.scheduler.schedule()
-        result = self.runner.run(out.chunks, self.requests) if out.chunks else None
+        with _torch_threads(self.options.wide_step_threads if out.num_batched_tokens >= WIDE_STEP_TOKENS else None):
+            result = self.runner.run(out.chunks, self.requests) if out.chunks else None
         self.scheduler.finish_step(out)
         deltas = self._postprocess(out, result)
         elapsed = time.perf_counter() - start
@@ -180,3 +182,22 @@ class LLMEngine:
             for tid, lp in entry.items():
                 lp.decoded_token = req.tokenizer.decode([tid], skip_special_tokens=False)
         return req.prompt_logprobs
+
+
+WIDE_STEP_TOKENS = 256  # a step this wide (prefill) runs on `wide_step_threads`
+
+
+@contextmanager
+def _torch_threads(n: int | None):
+    """torch's intra-op threads set to n for the block (None: left as they are). torch's CPU ops
+    give the same bits on any thread count (each output is one thread's: tests/engine)."""
+    before = torch.get_num_threads()
+    if n is None or n == before:
+        yield
+        return
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+

@@ -175,9 +175,10 @@ class AttentionReplica:
         if placement is None:
             # the C kernels (routed experts, decode attention) get every core: their threads take work
             # items as they get free, so a thread the front end preempts holds up one item, not a
-            # barrier (BENCHMARKS.md, issue 18: +22% streamed on 2 cores)
+            # barrier; so do wide (prefill) steps, whose ops are large enough that a preempted thread
+            # costs them little (BENCHMARKS.md, issue 18: +22% streamed on D, +17-23% on C, 2 cores)
             kernel_threads = engine_options.get("kernel_threads") or len(os.sched_getaffinity(0))
-            engine_options = {**engine_options, "kernel_threads": kernel_threads}
+            engine_options = {"wide_step_threads": kernel_threads, **engine_options, "kernel_threads": kernel_threads}
             compute = select_compute(engine_options.get("expert_backend", "auto"), device,
                                      kernel_threads=kernel_threads)
             weights = load_weights(model_dir, dtype=engine_options.get("dtype", "auto"), dense=False, device=device)

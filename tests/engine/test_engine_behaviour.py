@@ -297,6 +297,58 @@ def test_kernel_threads_change_no_token(tiny_model_dir):
         EngineOptions(kernel_threads=0)
 
 
+def test_wide_steps_run_on_their_own_threads_and_change_no_bit(tiny_model_dir):
+    """wide_step_threads: a step of at least WIDE_STEP_TOKENS tokens (here the first, three prompts
+    of 300 tokens in all) runs torch on 2 threads, the decode steps after it on torch's one; tokens,
+    logprobs and prompt logprobs equal those of an engine without the option bit for bit (torch's
+    CPU ops give the same bits on any thread count)."""
+    from glm_ray.engine.llm_engine import WIDE_STEP_TOKENS, LLMEngine
+    from glm_ray.engine.outputs import RequestDelta
+    from glm_ray.experts.backend import ExpertBackend
+    from glm_ray.experts.local import LocalExperts
+    from glm_ray.model.loader import load_weights
+
+    class ThreadsSeen(ExpertBackend):
+        def __init__(self, inner):
+            self.inner, self.seen = inner, set()
+
+        def forward(self, layer, hidden_states, topk_ids, topk_weights):
+            self.seen.add((hidden_states.shape[0] >= WIDE_STEP_TOKENS, torch.get_num_threads()))
+            return self.inner.forward(layer, hidden_states, topk_ids, topk_weights)
+
+    lengths = (200, 60, 40)
+    assert sum(lengths) >= WIDE_STEP_TOKENS
+    params = greedy(max_tokens=5, ignore_eos=True, logprobs=2, prompt_logprobs=1)
+
+    def run(**options):
+        experts = ThreadsSeen(LocalExperts(load_weights(tiny_model_dir, dtype="float32", dense=False).experts))
+        engine = LLMEngine(tiny_model_dir, EngineOptions(dtype="float32", **options), experts=experts)
+        for i, n in enumerate(lengths):
+            engine.add_request(f"r{i}", prompt(n, seed=n)["prompt_token_ids"], params)
+        deltas = {f"r{i}": [] for i in range(len(lengths))}
+        while engine.has_unfinished():
+            for d in engine.step():
+                deltas[d.request_id].append(d)
+        return {rid: RequestDelta.concat(ds) for rid, ds in deltas.items()}, experts.seen
+
+    caller = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        want, seen = run()
+        assert seen == {(True, 1), (False, 1)}
+        got, seen = run(wide_step_threads=2)
+        assert seen == {(True, 2), (False, 1)}
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(caller)
+    for rid in want:
+        assert got[rid].new_token_ids == want[rid].new_token_ids
+        assert got[rid].new_logprobs == want[rid].new_logprobs
+        assert got[rid].prompt_logprobs == want[rid].prompt_logprobs
+    with pytest.raises(ValueError, match="wide_step_threads must be None or an integer >= 1, got -1"):
+        EngineOptions(wide_step_threads=-1)
+
+
 def test_submit_batches_a_sinks_deltas_per_step(tiny_model_dir):
     """`submit`: every step's deltas of a sink's requests arrive in one call, equal to `generate`'s."""
     import threading
