@@ -200,4 +200,3 @@ def _torch_threads(n: int | None):
         yield
     finally:
         torch.set_num_threads(before)
-

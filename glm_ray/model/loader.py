@@ -262,7 +262,8 @@ def load_model(model_dir: str | Path, *, dtype: str | torch.dtype = "auto", prog
 
     config = load_model_config(model_dir)
     device = torch.device(device)
-    compute = select_compute(expert_backend, device, kernel_threads=kernel_threads) if with_experts else None  # a bad choice fails before loading
+    # a bad choice fails before loading
+    compute = select_compute(expert_backend, device, kernel_threads=kernel_threads) if with_experts else None
     weights = load_weights(model_dir, config, dtype=dtype, progress=progress,
                            expert_ids=None if with_experts else [], device=device)
     with torch.device("meta"):
