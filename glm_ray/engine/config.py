@@ -76,6 +76,10 @@ class EngineOptions:
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise ValueError(f"{name} must be None or an integer >= 1, got {value!r}")
+        if self.wide_step_threads is not None and self.attention_workers > 1:
+            # the workers share a wide step already, and a helper first used in one would keep its threads
+            raise ValueError(f"wide_step_threads ({self.wide_step_threads}) cannot be combined with attention_workers "
+                             f"> 1 ({self.attention_workers})")
         if not isinstance(self.enable_prefix_caching, bool):
             raise ValueError(f"enable_prefix_caching must be true or false, got {self.enable_prefix_caching!r}")
 

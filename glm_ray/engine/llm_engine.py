@@ -190,7 +190,8 @@ WIDE_STEP_TOKENS = 256  # a step this wide (prefill) runs on `wide_step_threads`
 @contextmanager
 def _torch_threads(n: int | None):
     """torch's intra-op threads set to n for the block (None: left as they are). torch's CPU ops
-    give the same bits on any thread count (each output is one thread's: tests/engine)."""
+    gave the same bits on 1 and 2 threads, fp32 and bf16 (tests/engine), each output being one
+    thread's; MKL and oneDNN do not promise it."""
     before = torch.get_num_threads()
     if n is None or n == before:
         yield

@@ -76,7 +76,7 @@ def moe(hidden_states: torch.Tensor, local_ids: torch.Tensor, weights: torch.Ten
     """A layer's routed experts whole: hidden_states [T, H] fp32, local_ids [T, K] slots into
     w13/w2 (-1: skipped), weights [T, K] -> [T, H] fp32, sum over k of weight * SwiGLU of the
     pair's expert (skipped pairs add nothing); None when an expert has more than `max_rows` rows
-    (prefill), which the caller leaves to torch's matmuls (experts/local.py: why). threads: the kernel's OpenMP threads
+    (large prefills), which the caller leaves to torch's matmuls (experts/local.py: why). threads: the kernel's OpenMP threads
     (None: torch's intra-op threads); each takes (expert, rows) items as it gets free, so the
     result is the same for any count."""
     lib = load()

@@ -168,19 +168,21 @@ class AttentionReplica:
         # colocated default: every core but one, which the ingress, HAProxy and Ray's daemons use (an
         # OpenMP team sharing its cores stalls at every barrier a preempted worker misses; vLLM's
         # CPU backend reserves one core the same way)
+        share = num_threads  # the CPUs torch_threads / attention_resources give this replica, if they do
         num_threads = num_threads or max(1, len(os.sched_getaffinity(0)) - 1)
         # a GPU if this replica reserved one (num_gpus); the engine gets the device by name
         device = resolve_device(engine_options.get("device", "auto"), gpus_assigned=ray_gpus_assigned())
         engine_options = {**engine_options, "device": str(device)}
         if placement is None:
-            # the C kernels (routed experts, decode attention) get every core: their threads take work
-            # items as they get free, so a thread the front end preempts holds up one item, not a
-            # barrier; so do wide (prefill) steps, whose ops are large enough that a preempted thread
-            # costs them little (BENCHMARKS.md, issue 18: +22% streamed on D, +17-23% on C, 2 cores)
-            kernel_threads = engine_options.get("kernel_threads") or len(os.sched_getaffinity(0))
-            engine_options = {"wide_step_threads": kernel_threads, **engine_options, "kernel_threads": kernel_threads}
+            # the C kernels (routed experts, decode attention) get every core (or the replica's share):
+            # their threads take work items as they get free, so a thread the front end preempts holds
+            # up one item, not a barrier; so do wide (prefill) steps, whose ops are large enough that a
+            # preempted thread costs them little (BENCHMARKS.md, issue 18: +22% streamed on D, +17-23%
+            # on C, 2 cores)
+            cores = share or len(os.sched_getaffinity(0))
+            engine_options = {"kernel_threads": cores, "wide_step_threads": cores, **engine_options}
             compute = select_compute(engine_options.get("expert_backend", "auto"), device,
-                                     kernel_threads=kernel_threads)
+                                     kernel_threads=engine_options["kernel_threads"])
             weights = load_weights(model_dir, dtype=engine_options.get("dtype", "auto"), dense=False, device=device)
             self.experts, workers, engine_threads = LocalExperts(weights.experts, compute), 1, num_threads
             num_experts = load_model_config(model_dir).n_routed_experts

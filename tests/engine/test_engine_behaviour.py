@@ -278,21 +278,42 @@ def test_attention_workers_must_be_positive(tiny_model_dir):
         LLM(tiny_model_dir, attention_workers=0)
 
 
-def test_kernel_threads_change_no_token(tiny_model_dir):
-    """The C kernels on 3 threads whatever torch's count (what a colocated replica does): the
-    same tokens and logprobs, bit for bit, as a fresh engine with the default (a used one's prefix
-    cache would change its prefill shapes); a count below 1 is refused."""
+def test_kernel_threads_reach_the_kernels_and_change_no_bit(tiny_model_dir, monkeypatch):
+    """kernel_threads=3 whatever torch's count (what a colocated replica does): the routed-expert
+    kernel and the opt-in decode-attention kernel are called with 3 threads, and tokens and
+    logprobs equal, bit for bit, those of a fresh engine without it (a used one's prefix cache would
+    change its prefill shapes); a count below 1 is refused."""
     from glm_ray import native
+    from glm_ray.engine.decode_attention import DecodeBatch
+    from glm_ray.experts import swiglu_kernel
 
     if native.unavailable_reason():
         pytest.skip(f"C kernels unavailable: {native.unavailable_reason()}")
+    seen = []
+    moe, attend = swiglu_kernel.moe, DecodeBatch.attend
+
+    def moe_seen(*args, threads=None, **kwargs):
+        seen.append(("experts", threads))
+        return moe(*args, threads=threads, **kwargs)
+
+    def attend_seen(self, q, k_cache, v_cache, scale, out, threads):
+        seen.append(("attention", threads))
+        return attend(self, q, k_cache, v_cache, scale, out, threads)
+
+    monkeypatch.setattr(swiglu_kernel, "moe", moe_seen)
+    monkeypatch.setattr(DecodeBatch, "attend", attend_seen)
     prompts = [{"prompt_token_ids": prompt(n, seed=n)["prompt_token_ids"]} for n in range(3, 23)]
     params = greedy(max_tokens=6, ignore_eos=True, logprobs=2)
-    want = LLM(tiny_model_dir, dtype="float32").generate(prompts, params)
-    got = LLM(tiny_model_dir, dtype="float32", kernel_threads=3).generate(prompts, params)
-    for g, w in zip(got, want):
-        assert g.outputs[0].token_ids == w.outputs[0].token_ids
-        assert g.outputs[0].logprobs == w.outputs[0].logprobs
+    for attention in ("torch", "cpu-kernel"):
+        want = LLM(tiny_model_dir, dtype="float32", decode_attention=attention).generate(prompts, params)
+        seen.clear()
+        got = LLM(tiny_model_dir, dtype="float32", decode_attention=attention, kernel_threads=3).generate(prompts,
+                                                                                                         params)
+        kernels = {"experts", "attention"} if attention == "cpu-kernel" else {"experts"}
+        assert {kernel for kernel, _ in seen} == kernels and {threads for _, threads in seen} == {3}
+        for g, w in zip(got, want):
+            assert g.outputs[0].token_ids == w.outputs[0].token_ids
+            assert g.outputs[0].logprobs == w.outputs[0].logprobs
     with pytest.raises(ValueError, match="kernel_threads must be None or an integer >= 1, got 0"):
         EngineOptions(kernel_threads=0)
 
@@ -300,8 +321,9 @@ def test_kernel_threads_change_no_token(tiny_model_dir):
 def test_wide_steps_run_on_their_own_threads_and_change_no_bit(tiny_model_dir):
     """wide_step_threads: a step of at least WIDE_STEP_TOKENS tokens (here the first, three prompts
     of 300 tokens in all) runs torch on 2 threads, the decode steps after it on torch's one; tokens,
-    logprobs and prompt logprobs equal those of an engine without the option bit for bit (torch's
-    CPU ops give the same bits on any thread count)."""
+    logprobs and prompt logprobs equal those of an engine without the option bit for bit, in fp32
+    and bf16 (torch's CPU ops gave the same bits on 1 and 2 threads). With attention workers, which
+    share wide steps already, it is refused."""
     from glm_ray.engine.llm_engine import WIDE_STEP_TOKENS, LLMEngine
     from glm_ray.engine.outputs import RequestDelta
     from glm_ray.experts.backend import ExpertBackend
@@ -320,9 +342,9 @@ def test_wide_steps_run_on_their_own_threads_and_change_no_bit(tiny_model_dir):
     assert sum(lengths) >= WIDE_STEP_TOKENS
     params = greedy(max_tokens=5, ignore_eos=True, logprobs=2, prompt_logprobs=1)
 
-    def run(**options):
-        experts = ThreadsSeen(LocalExperts(load_weights(tiny_model_dir, dtype="float32", dense=False).experts))
-        engine = LLMEngine(tiny_model_dir, EngineOptions(dtype="float32", **options), experts=experts)
+    def run(dtype, **options):
+        experts = ThreadsSeen(LocalExperts(load_weights(tiny_model_dir, dtype=dtype, dense=False).experts))
+        engine = LLMEngine(tiny_model_dir, EngineOptions(dtype=dtype, **options), experts=experts)
         for i, n in enumerate(lengths):
             engine.add_request(f"r{i}", prompt(n, seed=n)["prompt_token_ids"], params)
         deltas = {f"r{i}": [] for i in range(len(lengths))}
@@ -334,19 +356,22 @@ def test_wide_steps_run_on_their_own_threads_and_change_no_bit(tiny_model_dir):
     caller = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        want, seen = run()
-        assert seen == {(True, 1), (False, 1)}
-        got, seen = run(wide_step_threads=2)
-        assert seen == {(True, 2), (False, 1)}
-        assert torch.get_num_threads() == 1
+        for dtype in ("float32", "bfloat16"):
+            want, seen = run(dtype)
+            assert seen == {(True, 1), (False, 1)}
+            got, seen = run(dtype, wide_step_threads=2)
+            assert seen == {(True, 2), (False, 1)}
+            assert torch.get_num_threads() == 1
+            for rid in want:
+                assert got[rid].new_token_ids == want[rid].new_token_ids
+                assert got[rid].new_logprobs == want[rid].new_logprobs
+                assert got[rid].prompt_logprobs == want[rid].prompt_logprobs
     finally:
         torch.set_num_threads(caller)
-    for rid in want:
-        assert got[rid].new_token_ids == want[rid].new_token_ids
-        assert got[rid].new_logprobs == want[rid].new_logprobs
-        assert got[rid].prompt_logprobs == want[rid].prompt_logprobs
     with pytest.raises(ValueError, match="wide_step_threads must be None or an integer >= 1, got -1"):
         EngineOptions(wide_step_threads=-1)
+    with pytest.raises(ValueError, match=r"wide_step_threads \(2\) cannot be combined with attention_workers > 1 \(2\)"):
+        EngineOptions(wide_step_threads=2, attention_workers=2)
 
 
 def test_submit_batches_a_sinks_deltas_per_step(tiny_model_dir):
