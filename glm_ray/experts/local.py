@@ -66,10 +66,9 @@ def grouped_swiglu(hidden_states: torch.Tensor, local_ids: torch.Tensor, weights
 _HAS_GROUPED_MM = GROUPED_MM is not None
 PADDED_MAX_ROWS = 32  # up to this many tokens per expert, one padded bmm beats grouped_mm on CPU
 # up to this many rows an expert (decode, small prefills), the C kernel; beyond (large prefills), the torch
-# paths. The kernel is
-# about as fast there too (2048 tokens: 99.8 ms against 112 on one thread), but prefill through it parted
-# one of workload B's 256 greedy outputs from transformers' (BENCHMARKS.md, issue 18), while this split
-# keeps all 256 identical
+# paths. The kernel is about as fast there too (2048 tokens: 99.8 ms against 112 on one thread), but prefill
+# through it parted one of workload B's 256 greedy outputs from transformers' (BENCHMARKS.md, issue 18),
+# while this split keeps all 256 identical
 KERNEL_MAX_ROWS = 96
 
 

@@ -150,50 +150,6 @@ static void expert_rows(const float *x, const float *w13, const float *w2, float
     matmul_nt(act, rows, inter, w2 + e * hidden * inter, hidden, inter, y + r0 * hidden, hidden);
 }
 
-/* x [P, H] with rows sorted by expert, counts [E] rows per expert (sum = P), w13 [E, 2I, H],
- * w2 [E, H, I], y [P, H]; all fp32 and contiguous. Returns 0, or -1 when scratch memory ran out. */
-int glm_ray_swiglu(const float *x, const int64_t *counts, int64_t experts, const float *w13, const float *w2,
-                   float *y, int64_t hidden, int64_t inter, int threads)
-{
-    /* items: (expert, first row, rows), busiest experts' chunks are not special-cased: dynamic
-     * scheduling over ~one item per active expert balances well enough at decode sizes. */
-    int64_t n_items = 0;
-    for (int64_t e = 0; e < experts; e++)
-        n_items += (counts[e] + ROWS_PER_ITEM - 1) / ROWS_PER_ITEM;
-    if (n_items == 0)
-        return 0;
-    int64_t *items = malloc(sizeof(int64_t) * 3 * n_items);
-    if (!items)
-        return -1;
-    int64_t start = 0, i = 0;
-    for (int64_t e = 0; e < experts; e++) {
-        for (int64_t r = 0; r < counts[e]; r += ROWS_PER_ITEM) {
-            items[3 * i] = e;
-            items[3 * i + 1] = start + r;
-            items[3 * i + 2] = counts[e] - r < ROWS_PER_ITEM ? counts[e] - r : ROWS_PER_ITEM;
-            i++;
-        }
-        start += counts[e];
-    }
-    int failed = 0;
-    if (threads < 1)
-        threads = 1;
-    if (threads > n_items)
-        threads = (int)n_items;
-#pragma omp parallel num_threads(threads)
-    {
-        float *scratch = thread_scratch(ROWS_PER_ITEM * 3 * inter, &failed);
-#pragma omp for schedule(dynamic, 1)
-        for (int64_t it = 0; it < n_items; it++)
-            if (scratch)
-                expert_rows(x, w13, w2, y, items[3 * it + 1], items[3 * it + 2], items[3 * it], hidden, inter,
-                            scratch);
-        free(scratch);
-    }
-    free(items);
-    return failed ? -1 : 0;
-}
-
 /* A whole MoE layer's routed experts at decode sizes, with the routing bookkeeping in here too:
  * hidden [T, H], ids [T, K] local expert slots (-1: the pair is computed elsewhere), weights
  * [T, K] fp32, w13/w2 as above, pairs [T * K, H] scratch, out [T, H].

@@ -34,8 +34,6 @@ def load() -> ctypes.CDLL | None:
     lib = native.load(SOURCE, "routed experts")
     if lib is not None:
         p, i64 = ctypes.c_void_p, ctypes.c_int64
-        lib.glm_ray_swiglu.argtypes = [p, p, i64, p, p, p, i64, i64, ctypes.c_int]
-        lib.glm_ray_swiglu.restype = ctypes.c_int
         lib.glm_ray_moe.argtypes = [p, i64, i64, p, p, i64, p, p, p, p, i64, i64, i64, ctypes.c_int]
         lib.glm_ray_moe.restype = ctypes.c_int
     return lib
@@ -51,34 +49,14 @@ def usable(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> bool:
     )
 
 
-def swiglu(x: torch.Tensor, counts: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
-    """x [P, H] fp32, rows sorted by expert; counts [E] rows per expert; w13 [E, 2I, H], w2 [E, H, I]
-    -> [P, H] fp32, row r = W2_e (silu(W1_e x_r) * W3_e x_r) for r's expert e."""
-    lib = load()
-    x = x.contiguous()
-    counts = counts.to(torch.int64).contiguous()
-    e, two_i, h = w13.shape
-    if x.shape[1] != h or w2.shape != (e, h, two_i // 2) or counts.numel() != e or int(counts.sum()) != x.shape[0]:
-        raise ValueError(f"swiglu: shapes do not agree: x {tuple(x.shape)}, counts {tuple(counts.shape)} "
-                         f"summing to {int(counts.sum())}, w13 {tuple(w13.shape)}, w2 {tuple(w2.shape)}")
-    y = torch.empty_like(x)
-    if x.shape[0] == 0:
-        return y
-    rc = lib.glm_ray_swiglu(x.data_ptr(), counts.data_ptr(), e, w13.data_ptr(), w2.data_ptr(), y.data_ptr(),
-                            h, two_i // 2, torch.get_num_threads())
-    if rc != 0:
-        raise MemoryError("swiglu kernel: could not allocate its scratch memory")
-    return y
-
-
 def moe(hidden_states: torch.Tensor, local_ids: torch.Tensor, weights: torch.Tensor, w13: torch.Tensor,
         w2: torch.Tensor, max_rows: int, threads: int | None = None) -> torch.Tensor | None:
     """A layer's routed experts whole: hidden_states [T, H] fp32, local_ids [T, K] slots into
     w13/w2 (-1: skipped), weights [T, K] -> [T, H] fp32, sum over k of weight * SwiGLU of the
     pair's expert (skipped pairs add nothing); None when an expert has more than `max_rows` rows
-    (large prefills), which the caller leaves to torch's matmuls (experts/local.py: why). threads: the kernel's OpenMP threads
-    (None: torch's intra-op threads); each takes (expert, rows) items as it gets free, so the
-    result is the same for any count."""
+    (large prefills), which the caller leaves to torch's matmuls (experts/local.py: why).
+    threads: the kernel's OpenMP threads (None: torch's intra-op threads); each takes (expert,
+    rows) items as it gets free, so the result is the same for any count."""
     lib = load()
     t, k = local_ids.shape
     e, two_i, h = w13.shape

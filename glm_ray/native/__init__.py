@@ -5,8 +5,9 @@ Each kernel's source sits beside the module that binds it (`experts/swiglu_kerne
 kernel compiles in about a second with the system C compiler into the cache beside the built-in
 model (`~/.cache/glm-ray/kernels/`, or `$GLM_RAY_CACHE/kernels/`), keyed by a hash of its source,
 the header and the flags; the file appears by atomic rename, so Ray workers building at once are
-safe. It links the same `libgomp.so.1` torch loaded, so it runs on torch's OpenMP threads
-(torch.get_num_threads()) rather than a second pool. ctypes drops the GIL for the call.
+safe. It links the same `libgomp.so.1` torch loaded, so it runs on the calling thread's OpenMP
+team (torch.get_num_threads() threads, or the engine's `kernel_threads`) rather than a second
+pool. ctypes drops the GIL for the call.
 
 Where the kernels cannot run (not x86-64 Linux with AVX2 and FMA, no C compiler,
 `GLM_RAY_CPU_KERNEL=0`), `load()` returns None and callers keep their torch paths; the reason is
