@@ -7,11 +7,12 @@ workloads module imports nothing beyond the standard library), e.g. beside vLLM'
     PYTHONPATH=. /tmp/vllm/bin/python -m glm_ray.bench.offline_peer --system vllm --model DIR --workload C D
     python -m glm_ray.bench.offline_peer --system glm-ray --model DIR --workload C D [--option decode_attention=cpu-kernel]
 
-Per workload: two warmup requests, then `--passes` whole passes of the workload through one
-`generate` call each (greedy, EOS ignored, fp32, at most 64 sequences running unless an option
-says otherwise), each pass's output
-tokens/s printed as one JSON line. The first pass of a process is slower for both systems (first
-touch of the KV cache and the allocator's pools): compare later passes.
+Per workload: two warmup requests, then `--passes` whole passes through one `generate` call each
+(greedy, EOS ignored, fp32, at most 64 sequences running unless an option says otherwise), each
+pass's output tokens/s printed as one JSON line. Pass i draws its requests with seed `--seed` + i,
+and the warmup requests with the seed after the last pass: both systems cache prompt prefixes, so
+a pass that repeated an earlier pass's prompts would skip most of its prefill (on workload C that
+made a second pass ~1.5x faster than the first).
 """
 
 from __future__ import annotations
@@ -60,18 +61,24 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     vocab = json.loads((Path(args.model) / "config.json").read_text())["vocab_size"]
     llm, sampling = (_glm_ray if args.system == "glm-ray" else _vllm)(args.model, dict(args.option))
-    for name in args.workload:
-        workload = make_workload(name, vocab, seed=args.seed)
+
+    def requests(name: str, seed: int):
+        workload = make_workload(name, vocab, seed=seed)
         prompts = [{"prompt_token_ids": list(ids)} for ids in workload.prompts]
         params = [sampling(max_tokens=n, temperature=0, ignore_eos=True) for n in workload.output_lens]
+        return prompts, params
+
+    for name in args.workload:
+        prompts, params = requests(name, args.seed + args.passes)
         llm.generate(prompts[:2], params[:2])
         for i in range(args.passes):
+            prompts, params = requests(name, args.seed + i)
             start = time.perf_counter()
             outputs = llm.generate(prompts, params)
             seconds = time.perf_counter() - start
             tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
             print(json.dumps({"system": args.system, "options": dict(args.option), "workload": name,
-                              "seed": args.seed, "pass": i + 1, "output_tokens": tokens,
+                              "seed": args.seed + i, "pass": i + 1, "output_tokens": tokens,
                               "tok_s": round(tokens / seconds, 1)}), flush=True)
 
 
