@@ -106,3 +106,33 @@ def test_attention_workers_give_bitwise_the_same_step(kernel):
         finally:
             workers.close()
         assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_prefill_attention_has_the_bits_of_torchs_sdpa(dtype, threads):
+    """Prefill attention skips the passes torch's math path makes for rows that see no key, and must
+    keep its arithmetic bit for bit: greedy outputs are held to transformers' token for token, and
+    another summation order measurably flips near ties. Whole and continued prompts (1..700 keys),
+    GQA and not, inputs as the model makes them (views of the qkv projection)."""
+    import torch.nn.functional as F
+
+    rng = random.Random(threads)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for hq, hkv, d in ((8, 2, 64), (4, 4, 32)):
+            for _ in range(12):
+                tk = rng.randrange(1, 700)
+                tq = rng.choice([tk, rng.randrange(1, tk + 1)])
+                qkv = torch.randn(tk, (hq + 2 * hkv) * d, dtype=dtype)
+                q, k, v = qkv.split([hq * d, hkv * d, hkv * d], dim=-1)
+                q, k, v = q[tk - tq:].reshape(tq, hq, d), k.reshape(tk, hkv, d), v.reshape(tk, hkv, d)
+                sees = torch.arange(tk)[None, :] <= torch.arange(tq)[:, None] + (tk - tq)
+                want = F.scaled_dot_product_attention(
+                    q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), attn_mask=sees if tq > 1 else None,
+                    scale=d**-0.5, enable_gqa=hq != hkv).transpose(0, 1)
+                got = causal_attention(q, k, v, d**-0.5)
+                assert got.dtype == dtype and torch.equal(got, want), (hq, hkv, d, tq, tk)
+    finally:
+        torch.set_num_threads(before)
