@@ -145,7 +145,7 @@ class _DecodeBucket:
         k = k_cache.index_select(0, self.blocks).view(b, -1, hkv, d).transpose(1, 2)  # [B, Hkv, L, D]
         v = v_cache.index_select(0, self.blocks).view(b, -1, hkv, d).transpose(1, 2)
         # query head h reads KV head h // (Hq / Hkv): each KV head's query heads are its queries
-        qd = q[self.rows].view(b, hkv, hq // hkv, d)
+        qd = q.index_select(0, self.rows).view(b, hkv, hq // hkv, d)
         out = F.scaled_dot_product_attention(qd, k, v, attn_mask=self.mask, scale=scale)  # [B, Hkv, Hq/Hkv, D]
         return out.reshape(b, hq, d)
 

@@ -53,7 +53,7 @@ class ModelRunner:
         if not sampling:
             return StepResult({}, {}, prompt_logits)
         rows = torch.tensor([sc.offset + sc.num_tokens - 1 for _, sc in sampling], device=hidden.device)
-        logits = self.model.compute_logits(hidden[rows])  # [S, V]
+        logits = self.model.compute_logits(hidden.index_select(0, rows))  # [S, V]
         reqs = [requests[c.seq.seq_id] for c, _ in sampling]
         out = self.sampler(logits, reqs)
         tokens = out.sampled_token_ids.tolist()

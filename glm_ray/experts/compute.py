@@ -109,7 +109,7 @@ def sorted_moe(hidden_states, local_ids, topk_weights, num_experts: int, run) ->
     flat = local_ids.reshape(-1)  # [P]
     key = torch.where(flat < 0, num_experts, flat)
     order = torch.argsort(key, stable=True)
-    y = run(hidden_states[order // k], expert_counts(key, num_experts))
+    y = run(hidden_states.index_select(0, order // k), expert_counts(key, num_experts))
     kept = (key[order] < num_experts)[:, None]  # [P, 1]
     pairs = torch.zeros(t * k, hidden_states.shape[1], dtype=torch.float32, device=hidden_states.device)
     pairs[order] = torch.where(kept, y.float() * topk_weights.reshape(-1)[order, None].float(), 0.0)

@@ -55,8 +55,10 @@ def grouped_swiglu(hidden_states: torch.Tensor, local_ids: torch.Tensor, weights
     skipped = int((sorted_ids < 0).sum())  # skipped pairs sort first and stay zero
     order, sorted_ids = order[skipped:], sorted_ids[skipped:]
     counts = torch.bincount(sorted_ids, minlength=w13.shape[0])
-    x = hidden_states[order // k]  # [P', H], grouped by expert
+    x = hidden_states.index_select(0, order // k)  # [P', H], grouped by expert (4x faster than x[idx] on CPU)
     y = _experts_path(counts)(x, counts, w13, w2)
+    if y.dtype == torch.float32 and swiglu_kernel.usable(hidden_states, w13, w2):  # the rest in one C pass
+        return swiglu_kernel.combine(y, order, t, k, weights, threads=kernel_threads)
     # un-sort with one row scatter, then add each token's K pairs (no index_add_, which is slow on CPU)
     pairs = torch.zeros(t * k, hidden_states.shape[1], dtype=torch.float32, device=x.device)
     pairs[order] = y * weights.reshape(-1)[order, None].float()

@@ -254,3 +254,59 @@ int glm_ray_moe(const float *hidden, int64_t t, int64_t k, const int64_t *ids, c
     free(counts), free(order), free(items);
     return failed ? -1 : 0;
 }
+
+/* The bookkeeping after torch's matmuls, where experts have too many rows for the kernel above
+ * (prefill): y [n, H] holds the outputs of the kept pairs sorted by expert, order [n] their pair
+ * indices among the t * k pairs (the others were skipped). out[tok] = sum over j, in order, of
+ * y[row of pair (tok, j)] * weights[tok, j], a skipped pair adding nothing: the arithmetic of
+ * scaling the sorted rows, scattering them into zeroed [T * K, H] pairs and summing over k (each
+ * product rounded, then added left to right), in one pass over y instead of four torch ops, each a
+ * pass over [T * K, H] memory. Returns 0, or -1 when memory ran out. */
+__attribute__((optimize("fp-contract=off"))) /* a product is rounded before it is added, as in torch */
+int glm_ray_moe_combine(const float *y, int64_t n, const int64_t *order, int64_t t, int64_t k,
+                        const float *weights, float *out, int64_t hidden_size, int threads)
+{
+    const int64_t p = t * k;
+    int64_t *row = malloc(sizeof(int64_t) * (p > 0 ? p : 1)); /* pair -> its row of y, -1: skipped */
+    if (!row)
+        return -1;
+    for (int64_t i = 0; i < p; i++)
+        row[i] = -1;
+    for (int64_t r = 0; r < n; r++)
+        if (order[r] >= 0 && order[r] < p)
+            row[order[r]] = r;
+    if (threads < 1)
+        threads = 1;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t tok = 0; tok < t; tok++) {
+        float *dst = out + tok * hidden_size;
+        int any = 0;
+        for (int64_t j = 0; j < k; j++) {
+            int64_t r = row[tok * k + j];
+            if (r < 0)
+                continue;
+            const float *src = y + r * hidden_size;
+            const float w = weights[tok * k + j];
+            const __m256 wv = _mm256_set1_ps(w);
+            int64_t h = 0;
+            if (!any) {
+                for (; h + 8 <= hidden_size; h += 8)
+                    _mm256_storeu_ps(dst + h, _mm256_mul_ps(_mm256_loadu_ps(src + h), wv));
+                for (; h < hidden_size; h++)
+                    dst[h] = src[h] * w;
+            } else {
+                for (; h + 8 <= hidden_size; h += 8)
+                    _mm256_storeu_ps(dst + h, _mm256_add_ps(_mm256_loadu_ps(dst + h),
+                                                            _mm256_mul_ps(_mm256_loadu_ps(src + h), wv)));
+                for (; h < hidden_size; h++)
+                    dst[h] += src[h] * w;
+            }
+            any = 1;
+        }
+        if (!any)
+            for (int64_t h = 0; h < hidden_size; h++)
+                dst[h] = 0.0f;
+    }
+    free(row);
+    return 0;
+}

@@ -36,6 +36,8 @@ def load() -> ctypes.CDLL | None:
         p, i64 = ctypes.c_void_p, ctypes.c_int64
         lib.glm_ray_moe.argtypes = [p, i64, i64, p, p, i64, p, p, p, p, i64, i64, i64, ctypes.c_int]
         lib.glm_ray_moe.restype = ctypes.c_int
+        lib.glm_ray_moe_combine.argtypes = [p, i64, p, i64, i64, p, p, i64, ctypes.c_int]
+        lib.glm_ray_moe_combine.restype = ctypes.c_int
     return lib
 
 
@@ -74,3 +76,25 @@ def moe(hidden_states: torch.Tensor, local_ids: torch.Tensor, weights: torch.Ten
     if rc < 0:
         raise MemoryError("moe kernel: could not allocate its scratch memory")
     return out if rc == 0 else None
+
+
+def combine(y: torch.Tensor, order: torch.Tensor, t: int, k: int, weights: torch.Tensor,
+            threads: int | None = None) -> torch.Tensor:
+    """The torch path's last step in one pass: y [n, H] fp32 expert outputs of the kept pairs in
+    sorted order, order [n] their indices among the t * k pairs, weights [t, k] -> [t, H] fp32, each
+    token's sum over its pairs, in k order, of weight * row (skipped pairs add nothing). The same
+    bits as `pairs[order] = y * weights[order]` into zeroed pairs, then `.sum(dim=1)` over k."""
+    lib = load()
+    n, h = y.shape
+    if y.dtype != torch.float32 or order.shape != (n,) or weights.shape != (t, k):
+        raise ValueError(f"combine: y {tuple(y.shape)} {y.dtype}, order {tuple(order.shape)}, weights "
+                         f"{tuple(weights.shape)} for t={t}, k={k}")
+    y = y.contiguous()
+    idx = order.to(torch.int64).contiguous()
+    w = weights.to(torch.float32).contiguous()
+    out = torch.empty(t, h, dtype=torch.float32)
+    rc = lib.glm_ray_moe_combine(y.data_ptr(), n, idx.data_ptr(), t, k, w.data_ptr(), out.data_ptr(), h,
+                                 threads or torch.get_num_threads())
+    if rc < 0:
+        raise MemoryError("moe combine: could not allocate its index")
+    return out

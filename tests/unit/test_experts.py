@@ -217,6 +217,52 @@ def test_whole_layer_kernel_declines_prefill_sizes():
 
 
 @needs_kernel
+@pytest.mark.parametrize("hidden", [512, 20])  # 20: a width that is not a multiple of 8
+def test_prefill_combine_has_the_bits_of_the_torch_ops_it_replaces(hidden):
+    """After torch's matmuls (experts with more rows than the kernel takes), the scaling, un-sorting
+    and sum over k run in one C pass: bit for bit what scattering the scaled rows into zeroed pairs
+    and summing over k give (each product rounded, then added in k order), skipped pairs adding
+    nothing, on any thread count. A fused multiply-add or another order would change the bits."""
+    g = torch.Generator().manual_seed(7)
+    t, k = 300, 4
+    ids = torch.randint(-1, 6, (t, k), generator=g)  # about 1 pair in 7 skipped (-1)
+    ids[0] = -1  # a token with no pair here
+    flat = ids.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    order = order[int((flat < 0).sum()):]
+    y = torch.randn(order.numel(), hidden, generator=g) * 4
+    weights = torch.rand(t, k, generator=g) * 2.5
+    pairs = torch.zeros(t * k, hidden)
+    pairs[order] = y * weights.reshape(-1)[order, None]
+    want = pairs.view(t, k, hidden).sum(dim=1)
+    for threads in (1, 2, 3):
+        got = swiglu_kernel.combine(y, order, t, k, weights, threads=threads)
+        assert torch.equal(got, want) and not got[0].any()
+
+
+@needs_kernel
+def test_prefill_sizes_give_the_torch_paths_bits():
+    """A layer past the kernel's rows per expert: grouped_swiglu (torch's matmuls, then the C
+    combine) equals the all-torch path bit for bit."""
+    w13, w2 = random_experts()
+    g = torch.Generator().manual_seed(8)
+    t = 400  # ~170 rows an expert, past KERNEL_MAX_ROWS
+    x = torch.randn(t, H, generator=g)
+    ids = torch.randint(-1, E, (t, K), generator=g)
+    weights = torch.rand(t, K, generator=g)
+    assert swiglu_kernel.moe(x, ids, weights, w13, w2, max_rows=local.KERNEL_MAX_ROWS) is None
+    got = local.grouped_swiglu(x, ids, weights, w13, w2)
+    flat = ids.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    order = order[int((flat < 0).sum()):]
+    counts = torch.bincount(flat[order], minlength=E)
+    y = local._experts_path(counts)(x[order // K], counts, w13, w2)
+    pairs = torch.zeros(t * K, H)
+    pairs[order] = y * weights.reshape(-1)[order, None]
+    assert torch.equal(got, pairs.view(t, K, H).sum(dim=1))
+
+
+@needs_kernel
 def test_kernel_silu_holds_at_extreme_gate_values():
     """Gates from -1e4 to 1e4 (exp over- and underflow ranges) give what torch's silu gives."""
     import glm_ray.experts.local as local
