@@ -261,20 +261,30 @@ int glm_ray_moe(const float *hidden, int64_t t, int64_t k, const int64_t *ids, c
  * y[row of pair (tok, j)] * weights[tok, j], a skipped pair adding nothing: the arithmetic of
  * scaling the sorted rows, scattering them into zeroed [T * K, H] pairs and summing over k (each
  * product rounded, then added left to right), in one pass over y instead of four torch ops, each a
- * pass over [T * K, H] memory. Returns 0, or -1 when memory ran out. */
-__attribute__((optimize("fp-contract=off"))) /* a product is rounded before it is added, as in torch */
+ * pass over [T * K, H] memory. torch sums over k in that order where k <= 4 or H is a multiple of
+ * its vector block (32 floats with AVX2, 64 with AVX-512); elsewhere it interleaves, and callers
+ * keep its ops. The sum starts from +0, as torch's does (so it is never -0). Returns 0, -1 when
+ * memory ran out, -2 when an entry of order is not a pair index. */
+__attribute__((optimize("fp-contract=off"))) /* GCC: a product is rounded before it is added */
 int glm_ray_moe_combine(const float *y, int64_t n, const int64_t *order, int64_t t, int64_t k,
                         const float *weights, float *out, int64_t hidden_size, int threads)
 {
+#ifdef __clang__
+#pragma clang fp contract(off) /* the same for clang, which ignores the attribute */
+#endif
     const int64_t p = t * k;
     int64_t *row = malloc(sizeof(int64_t) * (p > 0 ? p : 1)); /* pair -> its row of y, -1: skipped */
     if (!row)
         return -1;
     for (int64_t i = 0; i < p; i++)
         row[i] = -1;
-    for (int64_t r = 0; r < n; r++)
-        if (order[r] >= 0 && order[r] < p)
-            row[order[r]] = r;
+    for (int64_t r = 0; r < n; r++) {
+        if (order[r] < 0 || order[r] >= p) {
+            free(row);
+            return -2;
+        }
+        row[order[r]] = r;
+    }
     if (threads < 1)
         threads = 1;
 #pragma omp parallel for num_threads(threads) schedule(static)
@@ -291,9 +301,10 @@ int glm_ray_moe_combine(const float *y, int64_t n, const int64_t *order, int64_t
             int64_t h = 0;
             if (!any) {
                 for (; h + 8 <= hidden_size; h += 8)
-                    _mm256_storeu_ps(dst + h, _mm256_mul_ps(_mm256_loadu_ps(src + h), wv));
+                    _mm256_storeu_ps(dst + h, _mm256_add_ps(_mm256_setzero_ps(),
+                                                            _mm256_mul_ps(_mm256_loadu_ps(src + h), wv)));
                 for (; h < hidden_size; h++)
-                    dst[h] = src[h] * w;
+                    dst[h] = 0.0f + src[h] * w;
             } else {
                 for (; h + 8 <= hidden_size; h += 8)
                     _mm256_storeu_ps(dst + h, _mm256_add_ps(_mm256_loadu_ps(dst + h),

@@ -83,18 +83,29 @@ def combine(y: torch.Tensor, order: torch.Tensor, t: int, k: int, weights: torch
     """The torch path's last step in one pass: y [n, H] fp32 expert outputs of the kept pairs in
     sorted order, order [n] their indices among the t * k pairs, weights [t, k] -> [t, H] fp32, each
     token's sum over its pairs, in k order, of weight * row (skipped pairs add nothing). The same
-    bits as `pairs[order] = y * weights[order]` into zeroed pairs, then `.sum(dim=1)` over k."""
+    bits as `pairs[order] = y * weights[order]` into zeroed pairs, then `.sum(dim=1)` over k, where
+    `combine_matches_torch(k, H)`."""
     lib = load()
     n, h = y.shape
-    if y.dtype != torch.float32 or order.shape != (n,) or weights.shape != (t, k):
-        raise ValueError(f"combine: y {tuple(y.shape)} {y.dtype}, order {tuple(order.shape)}, weights "
-                         f"{tuple(weights.shape)} for t={t}, k={k}")
+    if (y.dtype != torch.float32 or y.device.type != "cpu" or order.shape != (n,) or weights.shape != (t, k)
+            or weights.device.type != "cpu"):
+        raise ValueError(f"combine: y {tuple(y.shape)} {y.dtype} on {y.device}, order {tuple(order.shape)}, "
+                         f"weights {tuple(weights.shape)} on {weights.device}, for t={t}, k={k}")
     y = y.contiguous()
     idx = order.to(torch.int64).contiguous()
     w = weights.to(torch.float32).contiguous()
     out = torch.empty(t, h, dtype=torch.float32)
     rc = lib.glm_ray_moe_combine(y.data_ptr(), n, idx.data_ptr(), t, k, w.data_ptr(), out.data_ptr(), h,
                                  threads or torch.get_num_threads())
+    if rc == -2:
+        raise ValueError(f"combine: order holds an index outside 0..{t * k - 1}")
     if rc < 0:
         raise MemoryError("moe combine: could not allocate its index")
     return out
+
+
+def combine_matches_torch(k: int, hidden: int) -> bool:
+    """Whether torch's sum over k adds in k order, as `combine` does: always up to 4 terms; beyond,
+    only where H is a multiple of its vector block (64 floats covers AVX2 and AVX-512 builds), else
+    it interleaves the terms of the columns left over (GLM: k 8, H 4096 or 5120: in order)."""
+    return k <= 4 or hidden % 64 == 0

@@ -7,6 +7,7 @@ Legend: T tokens in the step, D head_dim.
 
 from __future__ import annotations
 
+import math
 from typing import Protocol
 
 import torch
@@ -35,27 +36,30 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
     of `glm-ray bench --workload B` matched transformers', against 256 (BENCHMARKS.md).
     """
     tq, tk = q.shape[0], k.shape[0]
-    hidden = None  # [Tq, Tk]: the keys after each query's position
+    future = None  # [Tq, Tk]: the keys after each query's position
     if tq > 1:
         # query i sits at absolute position tk - tq + i and sees keys up to it
         rows = torch.arange(tq, device=q.device)[:, None] + (tk - tq)
-        hidden = torch.arange(tk, device=q.device)[None, :] > rows
-    if q.device.type != "cpu":  # CUDA's fused kernels
+        future = torch.arange(tk, device=q.device)[None, :] > rows
+    if q.device.type != "cpu":  # other devices: their fused kernels
         out = F.scaled_dot_product_attention(
-            q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), attn_mask=None if hidden is None else ~hidden,
+            q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), attn_mask=None if future is None else ~future,
             scale=scale, enable_gqa=q.shape[1] != k.shape[1],
         )
         return out.transpose(0, 1)
-    dtype = q.dtype  # the math path computes bf16 and fp16 in fp32
-    q, k, v = q.float(), k.float(), v.float()
+    dtype = q.dtype
+    if dtype in (torch.float16, torch.bfloat16):  # the math path computes these in fp32
+        q, k, v = q.float(), k.float(), v.float()
     group = q.shape[1] // k.shape[1]
-    root = scale**0.5  # it scales q and k by sqrt(scale) each, repeats K/V heads for GQA
-    keys = (k.transpose(0, 1) * root).repeat_interleave(group, 0)  # [Hq, Tk, D]
+    root = math.sqrt(scale)  # it scales q and k by sqrt(scale) each and repeats K/V heads for GQA
+    keys = k.transpose(0, 1) * root  # [Hkv, Tk, D]
+    values = v.transpose(0, 1)
+    if group > 1:
+        keys, values = keys.repeat_interleave(group, 0), values.repeat_interleave(group, 0)  # [Hq, Tk, D]
     scores = torch.matmul(q.transpose(0, 1) * root, keys.transpose(-2, -1))  # [Hq, Tq, Tk]
-    if hidden is not None:
-        scores.add_(torch.zeros(hidden.shape, dtype=scores.dtype).masked_fill_(hidden, float("-inf")))
+    if future is not None:
+        scores.add_(torch.zeros(future.shape, dtype=scores.dtype).masked_fill_(future, float("-inf")))
     probs = torch.softmax(scores, dim=-1)
-    values = v.transpose(0, 1).repeat_interleave(group, 0)  # [Hq, Tk, D]
     return torch.matmul(probs, values).to(dtype).transpose(0, 1)
 
 

@@ -216,50 +216,82 @@ def test_whole_layer_kernel_declines_prefill_sizes():
     torch.testing.assert_close(local.grouped_swiglu(x, ids, torch.ones(40, 4), w13, w2), want, rtol=1e-4, atol=1e-4)
 
 
+def _torch_combine(y, order, t, k, weights):
+    """The torch ops the C combine replaces."""
+    pairs = torch.zeros(t * k, y.shape[1])
+    pairs[order] = y * weights.reshape(-1)[order, None]
+    return pairs.view(t, k, y.shape[1]).sum(dim=1)
+
+
+def _kept_order(ids):
+    flat = ids.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    return order[int((flat < 0).sum()):]
+
+
 @needs_kernel
-@pytest.mark.parametrize("hidden", [512, 20])  # 20: a width that is not a multiple of 8
-def test_prefill_combine_has_the_bits_of_the_torch_ops_it_replaces(hidden):
+@pytest.mark.parametrize("k, hidden", [(4, 512), (4, 20), (8, 512)])  # 20: not a multiple of 8
+def test_prefill_combine_has_the_bits_of_the_torch_ops_it_replaces(k, hidden):
     """After torch's matmuls (experts with more rows than the kernel takes), the scaling, un-sorting
     and sum over k run in one C pass: bit for bit what scattering the scaled rows into zeroed pairs
-    and summing over k give (each product rounded, then added in k order), skipped pairs adding
-    nothing, on any thread count. A fused multiply-add or another order would change the bits."""
+    and summing over k give (each product rounded, then added in k order; a sum of negative zeros is
+    +0, as torch's), skipped pairs adding nothing, on any thread count."""
+    assert swiglu_kernel.combine_matches_torch(k, hidden)
     g = torch.Generator().manual_seed(7)
-    t, k = 300, 4
+    t = 300
     ids = torch.randint(-1, 6, (t, k), generator=g)  # about 1 pair in 7 skipped (-1)
     ids[0] = -1  # a token with no pair here
-    flat = ids.reshape(-1)
-    order = torch.argsort(flat, stable=True)
-    order = order[int((flat < 0).sum()):]
+    order = _kept_order(ids)
     y = torch.randn(order.numel(), hidden, generator=g) * 4
     weights = torch.rand(t, k, generator=g) * 2.5
-    pairs = torch.zeros(t * k, hidden)
-    pairs[order] = y * weights.reshape(-1)[order, None]
-    want = pairs.view(t, k, hidden).sum(dim=1)
+    weights[1] = 0.0  # token 1: every product is +-0
+    want = _torch_combine(y, order, t, k, weights)
     for threads in (1, 2, 3):
         got = swiglu_kernel.combine(y, order, t, k, weights, threads=threads)
-        assert torch.equal(got, want) and not got[0].any()
+        assert torch.equal(got.view(torch.int32), want.view(torch.int32))  # the bits, signs of zeros too
+        assert not got[0].any() and not got[1].any()
 
 
 @needs_kernel
-def test_prefill_sizes_give_the_torch_paths_bits():
+def test_prefill_combine_refuses_an_order_that_is_not_pair_indices():
+    y, weights = torch.randn(3, 8), torch.rand(2, 2)
+    with pytest.raises(ValueError, match="outside 0..3"):
+        swiglu_kernel.combine(y, torch.tensor([0, 1, 4]), 2, 2, weights)
+
+
+def test_torch_sums_over_k_in_order_wherever_combine_stands_in_for_it():
+    """combine_matches_torch names where torch's sum over k adds in k order, which is what the C
+    combine does: hold this torch to it on the shapes it admits, GLM's (k 8, H 4096) among them.
+    (Elsewhere, e.g. k 8 and H 20, this torch interleaves the terms, and the torch ops stay.)"""
+    g = torch.Generator().manual_seed(9)
+    for k, hidden in [(1, 20), (2, 20), (4, 20), (4, 512), (6, 512), (8, 4096), (16, 64)]:
+        assert swiglu_kernel.combine_matches_torch(k, hidden), (k, hidden)
+        for t in (1, 33, 300):
+            x = torch.randn(t, k, hidden, generator=g)
+            in_order = x[:, 0].clone()
+            for j in range(1, k):
+                in_order = in_order + x[:, j]
+            assert torch.equal(x.sum(dim=1), in_order), (k, hidden, t)
+    assert not swiglu_kernel.combine_matches_torch(8, 20)
+
+
+@needs_kernel
+@pytest.mark.parametrize("k, hidden", [(3, 16), (8, 64), (8, 20)])  # (8, 20): the torch ops, not the C combine
+def test_prefill_sizes_give_the_torch_paths_bits(k, hidden):
     """A layer past the kernel's rows per expert: grouped_swiglu (torch's matmuls, then the C
-    combine) equals the all-torch path bit for bit."""
-    w13, w2 = random_experts()
+    combine where it matches torch) equals the all-torch path bit for bit."""
     g = torch.Generator().manual_seed(8)
-    t = 400  # ~170 rows an expert, past KERNEL_MAX_ROWS
-    x = torch.randn(t, H, generator=g)
-    ids = torch.randint(-1, E, (t, K), generator=g)
-    weights = torch.rand(t, K, generator=g)
+    w13, w2 = torch.randn(E, 2 * I, hidden, generator=g), torch.randn(E, hidden, I, generator=g)
+    t = 400  # 400 * k / 6 rows an expert, past KERNEL_MAX_ROWS
+    x = torch.randn(t, hidden, generator=g)
+    ids = torch.randint(-1, E, (t, k), generator=g)
+    weights = torch.rand(t, k, generator=g)
     assert swiglu_kernel.moe(x, ids, weights, w13, w2, max_rows=local.KERNEL_MAX_ROWS) is None
-    got = local.grouped_swiglu(x, ids, weights, w13, w2)
-    flat = ids.reshape(-1)
-    order = torch.argsort(flat, stable=True)
-    order = order[int((flat < 0).sum()):]
-    counts = torch.bincount(flat[order], minlength=E)
-    y = local._experts_path(counts)(x[order // K], counts, w13, w2)
-    pairs = torch.zeros(t * K, H)
-    pairs[order] = y * weights.reshape(-1)[order, None]
-    assert torch.equal(got, pairs.view(t, K, H).sum(dim=1))
+    order = _kept_order(ids)
+    counts = torch.bincount(ids.reshape(-1)[order], minlength=E)
+    y = local._experts_path(counts)(x[order // k], counts, w13, w2)
+    want = _torch_combine(y, order, t, k, weights)
+    assert torch.equal(local.grouped_swiglu(x, ids, weights, w13, w2).view(torch.int32), want.view(torch.int32))
 
 
 @needs_kernel
