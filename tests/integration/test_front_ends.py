@@ -124,9 +124,22 @@ def test_errors_then_a_good_request(server, client, body, status):
     assert ok.choices[0].finish_reason in ("length", "stop")
 
 
-def test_health_metrics_experts(server):
+def _experts_after_traffic(server, client) -> dict:
+    """/v1/experts once the router's window holds this request's routing. Attention replicas report
+    routing on a timer and the window drops what is older than a minute, so whether earlier tests'
+    traffic still counts depended on how long they took (a fresh-clone CI run once saw no layers)."""
+    client.completions.create(model="glm-tiny", prompt="balance me", max_tokens=4, temperature=0)
+    deadline = time.monotonic() + 60
+    while True:
+        experts = requests.get(f"{server}/v1/experts", headers=AUTH, timeout=30).json()
+        if experts["balancedness"]["layers"] or time.monotonic() > deadline:
+            return experts
+        time.sleep(0.5)
+
+
+def test_health_metrics_experts(server, client):
     assert requests.get(f"{server}/health", timeout=30).status_code == 200
-    experts = requests.get(f"{server}/v1/experts", headers=AUTH, timeout=30).json()
+    experts = _experts_after_traffic(server, client)
     assert experts["placement"]["groups"] == [[0, 1, 2, 3], [4, 5, 6, 7]]
     assert all(len(a) == 1 for a in experts["replicas"].values())
     metrics = requests.get(f"{server}/metrics", headers=AUTH, timeout=30).text
