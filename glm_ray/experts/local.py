@@ -43,8 +43,8 @@ def grouped_swiglu(hidden_states: torch.Tensor, local_ids: torch.Tensor, weights
                    w13: torch.Tensor, w2: torch.Tensor, kernel_threads: int | None = None) -> torch.Tensor:
     """hidden_states [T, H]; local_ids/weights [T, K] (slots into w13/w2; -1 = skip) -> [T, H] in fp32.
     kernel_threads: the C kernel's threads (None: torch's)."""
-    kernel = swiglu_kernel.usable(hidden_states, w13, w2)
-    if kernel:  # up to KERNEL_MAX_ROWS an expert: the whole layer in C
+    use_kernel = swiglu_kernel.usable(hidden_states, w13, w2)
+    if use_kernel:  # up to KERNEL_MAX_ROWS an expert: the whole layer in C
         out = swiglu_kernel.moe(hidden_states, local_ids, weights, w13, w2, max_rows=KERNEL_MAX_ROWS,
                                 threads=kernel_threads)
         if out is not None:
@@ -58,7 +58,7 @@ def grouped_swiglu(hidden_states: torch.Tensor, local_ids: torch.Tensor, weights
     counts = torch.bincount(sorted_ids, minlength=w13.shape[0])
     x = hidden_states.index_select(0, order // k)  # [P', H], grouped by expert (4x faster than x[idx] on CPU)
     y = _experts_path(counts)(x, counts, w13, w2)
-    if kernel and swiglu_kernel.combine_matches_torch(k, hidden_states.shape[1]):  # the rest in one C pass
+    if use_kernel and swiglu_kernel.combine_matches_torch(k, hidden_states.shape[1]):  # the rest in one C pass
         return swiglu_kernel.combine(y, order, t, k, weights, threads=kernel_threads)
     # un-sort with one row scatter, then add each token's K pairs (no index_add_, which is slow on CPU)
     pairs = torch.zeros(t * k, hidden_states.shape[1], dtype=torch.float32, device=x.device)

@@ -290,7 +290,8 @@ int glm_ray_moe_combine(const float *y, int64_t n, const int64_t *order, int64_t
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t tok = 0; tok < t; tok++) {
         float *dst = out + tok * hidden_size;
-        int any = 0;
+        for (int64_t h = 0; h < hidden_size; h++)
+            dst[h] = 0.0f;
         for (int64_t j = 0; j < k; j++) {
             int64_t r = row[tok * k + j];
             if (r < 0)
@@ -299,24 +300,12 @@ int glm_ray_moe_combine(const float *y, int64_t n, const int64_t *order, int64_t
             const float w = weights[tok * k + j];
             const __m256 wv = _mm256_set1_ps(w);
             int64_t h = 0;
-            if (!any) {
-                for (; h + 8 <= hidden_size; h += 8)
-                    _mm256_storeu_ps(dst + h, _mm256_add_ps(_mm256_setzero_ps(),
-                                                            _mm256_mul_ps(_mm256_loadu_ps(src + h), wv)));
-                for (; h < hidden_size; h++)
-                    dst[h] = 0.0f + src[h] * w;
-            } else {
-                for (; h + 8 <= hidden_size; h += 8)
-                    _mm256_storeu_ps(dst + h, _mm256_add_ps(_mm256_loadu_ps(dst + h),
-                                                            _mm256_mul_ps(_mm256_loadu_ps(src + h), wv)));
-                for (; h < hidden_size; h++)
-                    dst[h] += src[h] * w;
-            }
-            any = 1;
+            for (; h + 8 <= hidden_size; h += 8)
+                _mm256_storeu_ps(dst + h, _mm256_add_ps(_mm256_loadu_ps(dst + h),
+                                                        _mm256_mul_ps(_mm256_loadu_ps(src + h), wv)));
+            for (; h < hidden_size; h++)
+                dst[h] += src[h] * w;
         }
-        if (!any)
-            for (int64_t h = 0; h < hidden_size; h++)
-                dst[h] = 0.0f;
     }
     free(row);
     return 0;
