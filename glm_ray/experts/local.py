@@ -7,6 +7,7 @@ holds it equal to. Legend: T tokens, K top-k, P = T*K pairs, E experts held, H h
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Iterable
 
@@ -21,11 +22,15 @@ from glm_ray.experts.compute import looped_experts as _looped_experts
 
 
 class ExpertWeights:
-    """One MoE layer's experts held here: w13 [E, 2I, H] (gate rows then up rows), w2 [E, H, I]."""
+    """One MoE layer's experts held here: w13 [E, 2I, H] (gate rows then up rows), w2 [E, H, I].
+    compute_dtype: the dtype they compute in (default: the weights'); on CPU, bf16 weights may
+    compute in fp32 (`compact` in model/loader.py: widened as read, the same bits as upcast)."""
 
-    def __init__(self, expert_ids: Iterable[int], w13: torch.Tensor, w2: torch.Tensor, num_experts: int):
+    def __init__(self, expert_ids: Iterable[int], w13: torch.Tensor, w2: torch.Tensor, num_experts: int,
+                 compute_dtype: torch.dtype | None = None):
         self.expert_ids = list(expert_ids)
         self.w13, self.w2 = w13, w2
+        self.compute_dtype = compute_dtype or w13.dtype
         # global id -> local slot, -1 where the expert lives elsewhere
         self.slot = torch.full((num_experts,), -1, dtype=torch.long)
         self.slot[torch.tensor(self.expert_ids, dtype=torch.long)] = torch.arange(len(self.expert_ids))
@@ -50,6 +55,8 @@ def grouped_swiglu(hidden_states: torch.Tensor, local_ids: torch.Tensor, weights
         if out is not None:
             return out
     t, k = local_ids.shape
+    if w13.dtype != hidden_states.dtype:  # weights held narrower than they compute in: widen for torch's matmuls
+        w13, w2 = upcast_scratch(w13, w2, hidden_states.dtype)
     flat_ids = local_ids.reshape(-1)  # [P]
     order = torch.argsort(flat_ids, stable=True)
     sorted_ids = flat_ids[order]
@@ -64,6 +71,22 @@ def grouped_swiglu(hidden_states: torch.Tensor, local_ids: torch.Tensor, weights
     pairs = torch.zeros(t * k, hidden_states.shape[1], dtype=torch.float32, device=x.device)
     pairs[order] = y * weights.reshape(-1)[order, None].float()
     return pairs.view(t, k, -1).sum(dim=1)
+
+
+_scratch = threading.local()
+
+
+def upcast_scratch(w13: torch.Tensor, w2: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """w13 and w2 in `dtype`, in buffers this thread reuses from call to call (one layer's worth:
+    a fresh allocation costs ~8x the copy on CPU, in page faults). For torch's matmuls where the
+    weights are held in bf16 and compute in fp32 (large prefills); the copy is exact."""
+    want = [(tuple(w.shape), dtype, w.device) for w in (w13, w2)]
+    held = getattr(_scratch, "buffers", None)
+    if held is None or [(tuple(b.shape), b.dtype, b.device) for b in held] != want:
+        held = _scratch.buffers = [torch.empty(w.shape, dtype=dtype, device=w.device) for w in (w13, w2)]
+    held[0].copy_(w13)
+    held[1].copy_(w2)
+    return held[0], held[1]
 
 
 _HAS_GROUPED_MM = GROUPED_MM is not None

@@ -68,7 +68,7 @@ class ExpertServer:
         self.staging = HostStaging(self.device)
         self.versions: dict[int, dict[int, ExpertWeights]] = {placement_version: layers}  # replaced, never mutated
         self._rebalanced = False  # once a version was added, a request's 0 means version 0, never "unchecked"
-        self.dtype = first.w13.dtype
+        self.dtype = first.compute_dtype  # of the hidden states it takes (the weights may be held narrower)
         self.hidden_size = first.w13.shape[2]
         self.auth = auth or DispatchAuth()
         self._credentials = self.auth.server_credentials()  # reads the TLS files now: a bad path fails here
@@ -110,9 +110,9 @@ class ExpertServer:
     def add_version(self, version: int, layers: dict[int, ExpertWeights]) -> None:
         """Serve `layers` for requests split by placement `version` too (the versions held so far stay)."""
         first = _check_layers(layers, self.group)
-        if (first.w13.dtype, first.w13.shape[2]) != (self.dtype, self.hidden_size) or set(layers) != set(self.layers):
+        if (first.compute_dtype, first.w13.shape[2]) != (self.dtype, self.hidden_size) or set(layers) != set(self.layers):
             raise ValueError(f"expert group {self.group}: version {version} holds layers {sorted(layers)} "
-                             f"{first.w13.dtype} hidden {first.w13.shape[2]}, the server {sorted(self.layers)} "
+                             f"{first.compute_dtype} hidden {first.w13.shape[2]}, the server {sorted(self.layers)} "
                              f"{self.dtype} hidden {self.hidden_size}")
         self.versions = {**self.versions, version: layers}
         self._rebalanced = True

@@ -39,6 +39,7 @@ class LayerBuild:
         self.w13 = old.w13.new_empty((n, *old.w13.shape[1:]))
         self.w2 = old.w2.new_empty((n, *old.w2.shape[1:]))
         self.num_experts = old.slot.numel()
+        self.compute_dtype = old.compute_dtype
         self.done = 0
 
     def step(self) -> bool:
@@ -58,7 +59,8 @@ class LayerBuild:
     def result(self) -> ExpertWeights:
         if self.done != len(self.want):
             raise RuntimeError(f"layer build at {self.done} of {len(self.want)} experts")
-        return ExpertWeights(self.want, self.w13, self.w2, num_experts=self.num_experts).to_slots_on(self.w13.device)
+        return ExpertWeights(self.want, self.w13, self.w2, num_experts=self.num_experts,
+                             compute_dtype=self.compute_dtype).to_slots_on(self.w13.device)
 
 
 def assemble_layer(old: ExpertWeights, loaded: ExpertWeights | None, want: Sequence[int]) -> ExpertWeights:

@@ -11,11 +11,17 @@
  *
  * Summation order: 8 interleaved partial sums along the reduction, then a fixed tree; results
  * match a BLAS matmul to fp32 rounding, not bit for bit.
+ *
+ * The weights may also be held in bf16 (a bf16 checkpoint computed in fp32 on a CPU without bf16
+ * matrix instructions): each is widened to fp32 in a register as it is loaded, which is exact, and
+ * the arithmetic is the fp32 path's, so the results are the same bits as with the weights upcast
+ * at load, for half the memory traffic of a step that is bound by reading the weights.
  */
 
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
 
 #include "simd.h"
 
@@ -23,9 +29,37 @@
 #define NR 3
 #define ROWS_PER_ITEM 64
 
+/* Weights are fp32, or bf16 where `bf16` (a compile-time constant in every specialised caller). */
+static inline __attribute__((always_inline)) const void *wptr(const void *w, int64_t i, const int bf16)
+{
+    return (const char *)w + i * (bf16 ? 2 : 4);
+}
+
+/* w[i .. i + 8) as fp32; a bf16 value is the upper half of its fp32 bits, so widening is exact */
+static inline __attribute__((always_inline)) __m256 wload8(const void *w, int64_t i, const int bf16)
+{
+    if (bf16) {
+        __m128i h = _mm_loadu_si128((const __m128i *)((const uint16_t *)w + i));
+        return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+    }
+    return _mm256_loadu_ps((const float *)w + i);
+}
+
+static inline __attribute__((always_inline)) float wload1(const void *w, int64_t i, const int bf16)
+{
+    if (bf16) {
+        uint32_t u = (uint32_t)((const uint16_t *)w)[i] << 16;
+        float f;
+        memcpy(&f, &u, sizeof f);
+        return f;
+    }
+    return ((const float *)w)[i];
+}
+
 /* out[m * ldo + n] = dot(x[m * ldx : + k], w[n * k : + k]) for m < mr, n < nr (mr <= MR, nr <= NR). */
-static inline __attribute__((always_inline)) void tile(const float *x, int64_t ldx, const float *w, int64_t k,
-                                                       float *out, int64_t ldo, const int mr, const int nr)
+static inline __attribute__((always_inline)) void tile(const float *x, int64_t ldx, const void *w, int64_t k,
+                                                       float *out, int64_t ldo, const int mr, const int nr,
+                                                       const int bf16)
 {
     __m256 acc[MR][NR];
     for (int m = 0; m < mr; m++)
@@ -35,7 +69,7 @@ static inline __attribute__((always_inline)) void tile(const float *x, int64_t l
     for (; kk + 8 <= k; kk += 8) {
         __m256 wv[NR];
         for (int n = 0; n < nr; n++)
-            wv[n] = _mm256_loadu_ps(w + n * k + kk);
+            wv[n] = wload8(w, n * k + kk, bf16);
         for (int m = 0; m < mr; m++) {
             __m256 xv = _mm256_loadu_ps(x + m * ldx + kk);
             for (int n = 0; n < nr; n++)
@@ -46,7 +80,7 @@ static inline __attribute__((always_inline)) void tile(const float *x, int64_t l
         for (int n = 0; n < nr; n++) {
             float s = hsum256(acc[m][n]);
             for (int64_t t = kk; t < k; t++)
-                s += x[m * ldx + t] * w[n * k + t];
+                s = fmaf(x[m * ldx + t], wload1(w, n * k + t, bf16), s); /* fused, as the vector steps */
             out[m * ldo + n] = s;
         }
 }
@@ -54,21 +88,21 @@ static inline __attribute__((always_inline)) void tile(const float *x, int64_t l
 /* The full 4 x 3 tile written out, so the 12 accumulators, 3 weight vectors and 1 input vector
  * stay in the 16 ymm registers; it also prefetches the next 3 weight rows (pf) while the current
  * ones stream, so the first row block's reads overlap with compute. */
-static inline void tile_4x3(const float *x, int64_t ldx, const float *w, int64_t k, float *out, int64_t ldo,
-                            const float *pf)
+static inline __attribute__((always_inline)) void tile_4x3(const float *x, int64_t ldx, const void *w, int64_t k,
+                                                           float *out, int64_t ldo, const void *pf, const int bf16)
 {
     __m256 a00 = _mm256_setzero_ps(), a01 = a00, a02 = a00, a10 = a00, a11 = a00, a12 = a00;
     __m256 a20 = a00, a21 = a00, a22 = a00, a30 = a00, a31 = a00, a32 = a00;
     const float *x0 = x, *x1 = x + ldx, *x2 = x + 2 * ldx, *x3 = x + 3 * ldx;
-    const float *w0 = w, *w1 = w + k, *w2 = w + 2 * k;
+    const int64_t line = bf16 ? 32 : 16; /* weights per 64-byte cache line */
     int64_t kk = 0;
     for (; kk + 8 <= k; kk += 8) {
-        if (pf && (kk & 15) == 0) {
-            _mm_prefetch((const char *)(pf + kk), _MM_HINT_T0);
-            _mm_prefetch((const char *)(pf + k + kk), _MM_HINT_T0);
-            _mm_prefetch((const char *)(pf + 2 * k + kk), _MM_HINT_T0);
+        if (pf && (kk & (line - 1)) == 0) {
+            _mm_prefetch((const char *)wptr(pf, kk, bf16), _MM_HINT_T0);
+            _mm_prefetch((const char *)wptr(pf, k + kk, bf16), _MM_HINT_T0);
+            _mm_prefetch((const char *)wptr(pf, 2 * k + kk, bf16), _MM_HINT_T0);
         }
-        __m256 b0 = _mm256_loadu_ps(w0 + kk), b1 = _mm256_loadu_ps(w1 + kk), b2 = _mm256_loadu_ps(w2 + kk);
+        __m256 b0 = wload8(w, kk, bf16), b1 = wload8(w, k + kk, bf16), b2 = wload8(w, 2 * k + kk, bf16);
         __m256 v = _mm256_loadu_ps(x0 + kk);
         a00 = _mm256_fmadd_ps(v, b0, a00); a01 = _mm256_fmadd_ps(v, b1, a01); a02 = _mm256_fmadd_ps(v, b2, a02);
         v = _mm256_loadu_ps(x1 + kk);
@@ -85,18 +119,19 @@ static inline void tile_4x3(const float *x, int64_t ldx, const float *w, int64_t
     for (int m = 0; m < MR; m++)
         for (int n = 0; n < NR; n++) {
             for (int64_t t = kk; t < k; t++)
-                s[n][m] += x[m * ldx + t] * w[n * k + t];
+                s[n][m] = fmaf(x[m * ldx + t], wload1(w, n * k + t, bf16), s[n][m]);
             out[m * ldo + n] = s[n][m];
         }
 }
 
-#define TILE_CASE(MRV, NRV) tile(x + m0 * ldx, ldx, wr, k, out + m0 * ldo + n0, ldo, MRV, NRV)
+#define TILE_CASE(MRV, NRV) tile(x + m0 * ldx, ldx, wr, k, out + m0 * ldo + n0, ldo, MRV, NRV, bf16)
 
-static void tile_dispatch(const float *x, int64_t ldx, const float *wr, int64_t k, float *out, int64_t ldo,
-                          int64_t m0, int64_t n0, int mr, int nr, const float *pf)
+static inline __attribute__((always_inline)) void tile_dispatch(const float *x, int64_t ldx, const void *wr, int64_t k,
+                                                                float *out, int64_t ldo, int64_t m0, int64_t n0,
+                                                                int mr, int nr, const void *pf, const int bf16)
 {
     switch (mr * 4 + nr) {
-    case 4 * 4 + 3: tile_4x3(x + m0 * ldx, ldx, wr, k, out + m0 * ldo + n0, ldo, pf); break;
+    case 4 * 4 + 3: tile_4x3(x + m0 * ldx, ldx, wr, k, out + m0 * ldo + n0, ldo, pf, bf16); break;
     case 4 * 4 + 2: TILE_CASE(4, 2); break;
     case 4 * 4 + 1: TILE_CASE(4, 1); break;
     case 3 * 4 + 3: TILE_CASE(3, 3); break;
@@ -113,28 +148,32 @@ static void tile_dispatch(const float *x, int64_t ldx, const float *wr, int64_t 
 
 /* out [rows, n] = x [rows, k] @ w [n, k]^T; the weight rows are the outer loop so each is read
  * from memory once and reused from cache for every row block. */
-static void matmul_nt(const float *x, int64_t rows, int64_t ldx, const float *w, int64_t n, int64_t k,
-                      float *out, int64_t ldo)
+static inline __attribute__((always_inline)) void matmul_nt(const float *x, int64_t rows, int64_t ldx, const void *w,
+                                                            int64_t n, int64_t k, float *out, int64_t ldo,
+                                                            const int bf16)
 {
     for (int64_t n0 = 0; n0 < n; n0 += NR) {
         int nr = n - n0 < NR ? (int)(n - n0) : NR;
-        const float *wr = w + n0 * k;
+        const void *wr = wptr(w, n0 * k, bf16);
         for (int64_t m0 = 0; m0 < rows; m0 += MR) {
             int mr = rows - m0 < MR ? (int)(rows - m0) : MR;
             /* the first row block prefetches the next weight rows */
-            const float *pf = m0 == 0 && n0 + 2 * NR <= n ? wr + NR * k : NULL;
-            tile_dispatch(x, ldx, wr, k, out, ldo, m0, n0, mr, nr, pf);
+            const void *pf = m0 == 0 && n0 + 2 * NR <= n ? wptr(wr, NR * k, bf16) : NULL;
+            tile_dispatch(x, ldx, wr, k, out, ldo, m0, n0, mr, nr, pf, bf16);
         }
     }
 }
 
 /* One item: rows [r0, r0 + rows) of x all use expert e. scratch holds rows * 3I floats. */
-static void expert_rows(const float *x, const float *w13, const float *w2, float *y, int64_t r0, int64_t rows,
-                        int64_t e, int64_t hidden, int64_t inter, float *scratch)
+static inline __attribute__((always_inline)) void expert_rows(const float *x, const void *w13, const void *w2,
+                                                              float *y, int64_t r0, int64_t rows, int64_t e,
+                                                              int64_t hidden, int64_t inter, float *scratch,
+                                                              const int bf16)
 {
     float *gu = scratch;                        /* [rows, 2I] gate | up */
     float *act = scratch + rows * 2 * inter;    /* [rows, I] */
-    matmul_nt(x + r0 * hidden, rows, hidden, w13 + e * 2 * inter * hidden, 2 * inter, hidden, gu, 2 * inter);
+    matmul_nt(x + r0 * hidden, rows, hidden, wptr(w13, e * 2 * inter * hidden, bf16), 2 * inter, hidden, gu,
+              2 * inter, bf16);
     for (int64_t r = 0; r < rows; r++) {
         const float *g = gu + r * 2 * inter, *u = g + inter;
         float *a = act + r * inter;
@@ -147,20 +186,33 @@ static void expert_rows(const float *x, const float *w13, const float *w2, float
         for (; i < inter; i++)
             a[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
     }
-    matmul_nt(act, rows, inter, w2 + e * hidden * inter, hidden, inter, y + r0 * hidden, hidden);
+    matmul_nt(act, rows, inter, wptr(w2, e * hidden * inter, bf16), hidden, inter, y + r0 * hidden, hidden, bf16);
+}
+
+/* expert_rows made twice, each with its weight type fixed */
+static void expert_rows_f32(const float *x, const void *w13, const void *w2, float *y, int64_t r0, int64_t rows,
+                            int64_t e, int64_t hidden, int64_t inter, float *scratch)
+{
+    expert_rows(x, w13, w2, y, r0, rows, e, hidden, inter, scratch, 0);
+}
+
+static void expert_rows_bf16(const float *x, const void *w13, const void *w2, float *y, int64_t r0, int64_t rows,
+                             int64_t e, int64_t hidden, int64_t inter, float *scratch)
+{
+    expert_rows(x, w13, w2, y, r0, rows, e, hidden, inter, scratch, 1);
 }
 
 /* A whole MoE layer's routed experts at decode sizes, with the routing bookkeeping in here too:
  * hidden [T, H], ids [T, K] local expert slots (-1: the pair is computed elsewhere), weights
- * [T, K] fp32, w13/w2 as above, pairs [T * K, H] scratch, out [T, H].
+ * [T, K] fp32, w13/w2 as above (bf16 where weights_bf16, else fp32), pairs [T * K, H] scratch, out [T, H].
  * out[t] = sum over k of weights[t, k] * SwiGLU_{ids[t, k]}(hidden[t]), k in order, skipped pairs
  * adding 0: what sorting the pairs by expert, one kernel call, scaling and a sum over k give, without
  * a torch op per stage (each a pass over [T * K, H] and an OpenMP region of its own).
  * Returns 0, 1 when an expert has more than max_rows rows (declined: nothing written; the caller
  * takes the torch path, which is faster there), or -1 when scratch memory ran out. */
 int glm_ray_moe(const float *hidden, int64_t t, int64_t k, const int64_t *ids, const float *weights,
-                int64_t experts, const float *w13, const float *w2, float *pairs, float *out, int64_t hidden_size,
-                int64_t inter, int64_t max_rows, int threads)
+                int64_t experts, const void *w13, const void *w2, int weights_bf16, float *pairs, float *out,
+                int64_t hidden_size, int64_t inter, int64_t max_rows, int threads)
 {
     const int64_t p = t * k;
     int64_t *counts = calloc(experts + 1, sizeof(int64_t));
@@ -211,7 +263,8 @@ int glm_ray_moe(const float *hidden, int64_t t, int64_t k, const int64_t *ids, c
                 for (int64_t h = 0; h < hidden_size; h++)
                     x[r * hidden_size + h] = src[h];
             }
-            expert_rows(x, w13, w2, y, 0, rows, e, hidden_size, inter, scratch);
+            (weights_bf16 ? expert_rows_bf16 : expert_rows_f32)(x, w13, w2, y, 0, rows, e, hidden_size, inter,
+                                                                scratch);
             for (int64_t r = 0; r < rows; r++) {
                 int64_t pair = order[first + r];
                 __m256 wv = _mm256_set1_ps(weights[pair]);

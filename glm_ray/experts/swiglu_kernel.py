@@ -34,17 +34,21 @@ def load() -> ctypes.CDLL | None:
     lib = native.load(SOURCE, "routed experts")
     if lib is not None:
         p, i64 = ctypes.c_void_p, ctypes.c_int64
-        lib.glm_ray_moe.argtypes = [p, i64, i64, p, p, i64, p, p, p, p, i64, i64, i64, ctypes.c_int]
+        lib.glm_ray_moe.argtypes = [p, i64, i64, p, p, i64, p, p, ctypes.c_int, p, p, i64, i64, i64, ctypes.c_int]
         lib.glm_ray_moe.restype = ctypes.c_int
         lib.glm_ray_moe_combine.argtypes = [p, i64, p, i64, i64, p, p, i64, ctypes.c_int]
         lib.glm_ray_moe_combine.restype = ctypes.c_int
     return lib
 
 
+WEIGHT_DTYPES = (torch.float32, torch.bfloat16)
+
+
 def usable(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> bool:
-    """The kernel handles fp32 CPU tensors in their contiguous checkpoint layout."""
+    """The kernel computes in fp32 on CPU, from weights in their contiguous checkpoint layout held
+    in fp32 or in bf16 (widened as they are read: the same bits as weights upcast at load)."""
     return (
-        x.dtype == w13.dtype == w2.dtype == torch.float32
+        x.dtype == torch.float32 and w13.dtype == w2.dtype and w13.dtype in WEIGHT_DTYPES
         and x.device.type == w13.device.type == w2.device.type == "cpu"
         and w13.is_contiguous() and w2.is_contiguous()
         and load() is not None
@@ -54,7 +58,7 @@ def usable(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> bool:
 def moe(hidden_states: torch.Tensor, local_ids: torch.Tensor, weights: torch.Tensor, w13: torch.Tensor,
         w2: torch.Tensor, max_rows: int, threads: int | None = None) -> torch.Tensor | None:
     """A layer's routed experts whole: hidden_states [T, H] fp32, local_ids [T, K] slots into
-    w13/w2 (-1: skipped), weights [T, K] -> [T, H] fp32, sum over k of weight * SwiGLU of the
+    w13/w2 (fp32 or bf16; -1: skipped), weights [T, K] -> [T, H] fp32, sum over k of weight * SwiGLU of the
     pair's expert (skipped pairs add nothing); None when an expert has more than `max_rows` rows
     (large prefills), which the caller leaves to torch's matmuls (experts/local.py: why).
     threads: the kernel's OpenMP threads (None: torch's intra-op threads); each takes (expert,
@@ -71,8 +75,11 @@ def moe(hidden_states: torch.Tensor, local_ids: torch.Tensor, weights: torch.Ten
     w = weights.to(torch.float32).contiguous()
     pairs = torch.empty(t * k, h, dtype=torch.float32)
     out = torch.empty(t, h, dtype=torch.float32)
+    if w13.dtype != w2.dtype or w13.dtype not in WEIGHT_DTYPES:
+        raise ValueError(f"moe: weights must both be float32 or both bfloat16, got {w13.dtype} and {w2.dtype}")
     rc = lib.glm_ray_moe(x.data_ptr(), t, k, ids.data_ptr(), w.data_ptr(), e, w13.data_ptr(), w2.data_ptr(),
-                         pairs.data_ptr(), out.data_ptr(), h, two_i // 2, max_rows, threads or torch.get_num_threads())
+                         int(w13.dtype == torch.bfloat16), pairs.data_ptr(), out.data_ptr(), h, two_i // 2, max_rows,
+                         threads or torch.get_num_threads())
     if rc < 0:
         raise MemoryError("moe kernel: could not allocate its scratch memory")
     return out if rc == 0 else None

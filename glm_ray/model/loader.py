@@ -69,6 +69,25 @@ def _log_upcast_once() -> None:
                 "~3x faster here); pass dtype bfloat16 to keep bf16")
 
 
+def compact_experts(compute_dtype: torch.dtype, checkpoint_dtypes: set[str], device: torch.device,
+                    backend: str | None) -> bool:
+    """Whether routed experts stay in the checkpoint's bf16 while they compute in fp32: on CPU, with
+    the `cpu-kernel` backend, whose C kernel widens each weight as it reads it (exact, so the same
+    bits as weights upcast at load) for half the memory, and half the memory traffic of a decode
+    step, which reading the experts' weights bounds (BENCHMARKS.md, issue 18). Large prefills take
+    torch's matmuls, which get a widened copy of the layer (experts/local.py)."""
+    from glm_ray.experts import swiglu_kernel
+
+    return (backend == "cpu-kernel" and device.type == "cpu" and compute_dtype == torch.float32
+            and checkpoint_dtypes == {"BF16"} and swiglu_kernel.load() is not None)
+
+
+@functools.lru_cache(maxsize=1)
+def _log_compact_once() -> None:
+    log.info("routed experts held in bfloat16 as in the checkpoint and computed in float32 (each weight widened "
+             "as the C kernel reads it: the same results as upcast at load, half the memory)")
+
+
 @dataclass
 class LoadedWeights:
     dense: dict[str, torch.Tensor]  # internal name -> tensor (fused)
@@ -169,10 +188,13 @@ def load_weights(
     expert_ids: list[int] | range | None = None,
     progress: bool | None = None,
     device: torch.device | str = "cpu",
+    expert_backend: str | None = None,
 ) -> LoadedWeights:
     """Read a checkpoint. `dense=False` skips every non-expert tensor; `expert_ids` (None = all)
     chooses which routed experts to read, the same ids in every MoE layer. Tensors land on
-    `device` one at a time (no second host copy of the model)."""
+    `device` one at a time (no second host copy of the model). expert_backend: the backend that
+    will compute the experts (experts/compute.py: the name of the chosen one); `cpu-kernel` may
+    keep a bf16 checkpoint's experts in bf16 (`compact_experts`)."""
     model_dir = Path(model_dir)
     config = config or load_model_config(model_dir)
     device = torch.device(device)
@@ -191,8 +213,13 @@ def load_weights(
     out: dict[str, torch.Tensor] = {}
     h, i = config.hidden_size, config.moe_intermediate_size
     slot = {e: s for s, e in enumerate(ids)}
-    stacks = {layer: (torch.empty(len(ids), 2 * i, h, dtype=dt, device=device),
-                      torch.empty(len(ids), h, i, dtype=dt, device=device))
+    expert_dtypes = {reader.shape_dtype(n)[1] for n, t in todo if t.kind == "expert"}
+    held_dt = dt
+    if expert_dtypes and compact_experts(dt, expert_dtypes, device, expert_backend):
+        held_dt = torch.bfloat16
+        _log_compact_once()
+    stacks = {layer: (torch.empty(len(ids), 2 * i, h, dtype=held_dt, device=device),
+                      torch.empty(len(ids), h, i, dtype=held_dt, device=device))
               for layer in config.moe_layers}
     nbytes = sum(torch.Size(checkpoint_shape(t, config)).numel() for _, t in todo) * dt.itemsize
     show = progress if progress is not None else (nbytes >= PROGRESS_MIN_BYTES)
@@ -215,7 +242,7 @@ def load_weights(
             buf = out.setdefault(t.name, torch.empty(fused, dtype=target_dtype, device=device))
             start, stop = part_rows(fused[0], t.part, config)
             buf[start:stop].copy_(tensor)
-    experts = {layer: ExpertWeights(ids, w13, w2, config.n_routed_experts).to_slots_on(device)
+    experts = {layer: ExpertWeights(ids, w13, w2, config.n_routed_experts, compute_dtype=dt).to_slots_on(device)
                for layer, (w13, w2) in stacks.items()}
     return LoadedWeights(out, experts, mtp, reader.read)
 
@@ -265,7 +292,8 @@ def load_model(model_dir: str | Path, *, dtype: str | torch.dtype = "auto", prog
     # a bad choice fails before loading
     compute = select_compute(expert_backend, device, kernel_threads=kernel_threads) if with_experts else None
     weights = load_weights(model_dir, config, dtype=dtype, progress=progress,
-                           expert_ids=None if with_experts else [], device=device)
+                           expert_ids=None if with_experts else [], device=device,
+                           expert_backend=compute.name if compute is not None else None)
     with torch.device("meta"):
         model = Glm4MoeModel(config)
     model.load_state_dict(weights.dense, strict=True, assign=True)

@@ -183,7 +183,8 @@ class AttentionReplica:
             engine_options = {"kernel_threads": cores, "wide_step_threads": cores, **engine_options}
             compute = select_compute(engine_options.get("expert_backend", "auto"), device,
                                      kernel_threads=engine_options["kernel_threads"])
-            weights = load_weights(model_dir, dtype=engine_options.get("dtype", "auto"), dense=False, device=device)
+            weights = load_weights(model_dir, dtype=engine_options.get("dtype", "auto"), dense=False, device=device,
+                                   expert_backend=compute.name)
             self.experts, workers, engine_threads = LocalExperts(weights.experts, compute), 1, num_threads
             num_experts = load_model_config(model_dir).n_routed_experts
         else:

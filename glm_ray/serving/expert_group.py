@@ -72,7 +72,8 @@ class ExpertGroup:
         self.device = resolve_device(device, gpus_assigned=ray_gpus_assigned())
         compute = select_compute(expert_backend, self.device)
         weights = await asyncio.to_thread(load_weights, model_dir, config, dtype=dtype, dense=False,
-                                          expert_ids=self.expert_ids, device=self.device)
+                                          expert_ids=self.expert_ids, device=self.device,
+                                          expert_backend=compute.name)
         self.read_names = weights.read_names
         self.server = ExpertServer(weights.experts, group, placement_version=in_force["version"], auth=auth,
                                    load_window_s=look_back_s, num_threads=num_threads, compute=compute)

@@ -9,6 +9,7 @@ import torch
 from glm_ray import LLM, SamplingParams
 from glm_ray.engine.async_engine import AsyncLLMEngine
 from glm_ray.engine.config import EngineOptions
+from glm_ray.experts import swiglu_kernel
 
 
 @pytest.fixture(scope="module")
@@ -119,6 +120,46 @@ def test_prompts_as_strings_and_chat(llm):
 def test_bf16_engine_runs(tiny_model_dir):
     out = LLM(tiny_model_dir, dtype="bfloat16").generate(prompt(), greedy(max_tokens=5, ignore_eos=True))[0]
     assert len(out.outputs[0].token_ids) == 5
+
+
+def _upcast_copy(src, dst):
+    """The checkpoint at `src` with every tensor upcast to fp32 (the same values): its twin."""
+    import json
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(src, dst)
+    save_file({n: t.float() for n, t in load_file(dst / "model.safetensors").items()}, dst / "model.safetensors")
+    config = json.loads((dst / "config.json").read_text())
+    (dst / "config.json").write_text(json.dumps({**config, "torch_dtype": "float32"}))
+    return dst
+
+
+@pytest.mark.skipif(swiglu_kernel.unavailable_reason() is not None, reason="the routed-expert C kernel is unavailable")
+def test_bf16_checkpoint_keeps_its_experts_in_bf16_with_the_results_of_upcasting_them(tmp_path):
+    """A bf16 checkpoint served in fp32 on CPU holds its routed experts in bf16 (half the memory,
+    and of a decode step's weight reads), with the same tokens and bit-identical logprobs as its
+    fp32 twin: decode steps through the C kernel, and a 300-token prompt whose prefill gives the
+    experts more rows than the kernel takes (torch's matmuls on a widened copy)."""
+    from glm_ray.model.synthetic import make_model
+
+    bf16 = make_model(tmp_path / "bf16", "tiny", dtype="bfloat16", seed=4)
+    twin = _upcast_copy(bf16, tmp_path / "f32")
+    prompts = [prompt(n, seed=n) for n in (300, 5, 17, 40)]
+    params = greedy(max_tokens=12, ignore_eos=True, logprobs=2, prompt_logprobs=1)
+    compact, upcast = LLM(bf16, dtype="float32"), LLM(twin, dtype="float32")
+    held = compact.engine.experts.layers
+    assert all(w.w13.dtype == w.w2.dtype == torch.bfloat16 and w.compute_dtype == torch.float32
+               for w in held.values())
+    assert all(w.w13.dtype == torch.float32 for w in upcast.engine.experts.layers.values())
+    assert compact.engine.experts.numel() == upcast.engine.experts.numel()
+    for g, w in zip(compact.generate(prompts, params), upcast.generate(prompts, params)):
+        assert g.outputs[0].token_ids == w.outputs[0].token_ids
+        assert g.outputs[0].logprobs == w.outputs[0].logprobs and g.prompt_logprobs == w.prompt_logprobs
+    # the torch backend (no C kernel to widen them) holds them upcast
+    assert all(w.w13.dtype == torch.float32
+               for w in LLM(bf16, dtype="float32", expert_backend="torch").engine.experts.layers.values())
 
 
 def test_async_streams_concurrently_and_aborts(tiny_model_dir, llm):

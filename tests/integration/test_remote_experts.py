@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from glm_ray.config import load_model_config
+from glm_ray.experts import swiglu_kernel
 from glm_ray.experts.backend import ExpertBackend
 from glm_ray.experts.local import LocalExperts
 from glm_ray.experts.remote import (
@@ -19,6 +20,7 @@ from glm_ray.experts.server import ExpertServer
 from glm_ray.experts.wire import tensor_to_proto
 from glm_ray.model.loader import load_model, load_weights
 from glm_ray.model.reference import greedy_generate, prompt_logits
+from glm_ray.model.synthetic import make_model
 from glm_ray.router.placement import Placement
 from glm_ray.v1 import experts_pb2 as pb
 from glm_ray.v1 import experts_pb2_grpc
@@ -39,14 +41,15 @@ def config(tiny_model_dir):
 
 
 def start_servers(loop, model_dir, placement, dtype="float32", copies=1, placement_version=0, own_loops=False,
-                  auth=None):
+                  auth=None, expert_backend=None):
     """copies servers per group, each loading only its group's experts -> (servers[g], StaticReplicas).
     All on `loop`, or with own_loops each on a loop of its own (`test_loop`), as deployed: a server
     computes stream requests on its loop, so one that stalls there stalls only itself. auth: each
     server's DispatchAuth."""
     servers = {}
     for g in range(placement.num_groups):
-        weights = load_weights(model_dir, dtype=dtype, dense=False, expert_ids=placement.experts_of(g))
+        weights = load_weights(model_dir, dtype=dtype, dense=False, expert_ids=placement.experts_of(g),
+                               expert_backend=expert_backend)
         servers[g] = [ExpertServer(weights.experts, g, placement_version=placement_version, auth=auth)
                       for _ in range(copies)]
     for group in servers.values():
@@ -133,6 +136,31 @@ def test_bfloat16_single_group_is_bit_exact(loop, tiny_model_dir, config):
         with RemoteExperts(placement, replicas) as remote:
             for got, want in zip(prompt_logits(model, remote, PROMPTS), prompt_logits(model, local, PROMPTS)):
                 assert torch.equal(got, want)
+    finally:
+        stop_all(loop, servers)
+
+
+@pytest.mark.skipif(swiglu_kernel.unavailable_reason() is not None, reason="the routed-expert C kernel is unavailable")
+def test_a_group_holding_a_bf16_checkpoints_experts_in_bf16_computes_in_fp32_bit_exact(loop, tmp_path):
+    """An expert group computing a bf16 checkpoint in fp32 on CPU keeps its experts in bf16, takes
+    fp32 hidden states, and gives the bits of the in-process engine's experts (held the same way)."""
+    d = make_model(tmp_path / "bf16", "tiny", dtype="bfloat16", seed=4)
+    model, local, config = load_model(d, dtype="float32")
+    placement = Placement.contiguous(config.n_routed_experts, 1)  # one group: the same sums as in-process
+    servers, replicas = start_servers(loop, d, placement, expert_backend="cpu-kernel")
+    try:
+        held = next(iter(servers[0][0].layers.values()))
+        assert held.w13.dtype == torch.bfloat16 and servers[0][0].dtype == torch.float32
+        with RemoteExperts(placement, replicas) as remote:
+            for got, want in zip(prompt_logits(model, remote, PROMPTS), prompt_logits(model, local, PROMPTS)):
+                assert torch.equal(got, want)
+        # a new placement version's slots (a rebalance) are held and computed the same way
+        from glm_ray.experts.slots import assemble
+
+        server = servers[0][0]
+        server.add_version(1, assemble(server.layers, placement.experts_of(0), lambda ids: {}))
+        rebuilt = next(iter(server.versions[1].values()))
+        assert rebuilt.w13.dtype == torch.bfloat16 and rebuilt.compute_dtype == torch.float32
     finally:
         stop_all(loop, servers)
 

@@ -37,7 +37,7 @@ def test_grouped_mm_path_equals_the_looped_path():
     import glm_ray.experts.local as local
 
     w13, w2 = random_experts()
-    x = torch.randn(50, H)
+    x = torch.randn(50, H, generator=torch.Generator().manual_seed(3))  # seeded: the tolerance is tight
     counts = torch.tensor([7, 0, 20, 3, 0, 20])
     if not local._HAS_GROUPED_MM:
         pytest.skip("this torch has no grouped_mm")
@@ -49,7 +49,7 @@ def test_padded_path_equals_the_looped_path():
     import glm_ray.experts.local as local
 
     w13, w2 = random_experts()
-    x = torch.randn(50, H)
+    x = torch.randn(50, H, generator=torch.Generator().manual_seed(3))  # seeded: the tolerance is tight
     counts = torch.tensor([7, 0, 20, 3, 0, 20])  # an idle expert and uneven counts: padding must not leak
     torch.testing.assert_close(local._padded_experts(x, counts, w13, w2),
                                local._looped_experts(x, counts, w13, w2), rtol=1e-5, atol=1e-5)
@@ -214,6 +214,38 @@ def test_whole_layer_kernel_declines_prefill_sizes():
     assert swiglu_kernel.moe(x, ids, torch.rand(40, 4), w13, w2, max_rows=96) is None
     want = local.reference_moe(x, ids, torch.ones(40, 4), {i: (w13[i], w2[i]) for i in range(w13.shape[0])})
     torch.testing.assert_close(local.grouped_swiglu(x, ids, torch.ones(40, 4), w13, w2), want, rtol=1e-4, atol=1e-4)
+
+
+@needs_kernel
+@pytest.mark.parametrize("hidden, inter", [(16, 8), (20, 12), (512, 256)])  # 20, 12: tails after the 8-wide steps
+def test_bf16_held_weights_give_the_bits_of_the_same_weights_upcast(hidden, inter):
+    """A bf16 checkpoint computed in fp32 may keep its experts in bf16 (model/loader.py: compact):
+    the kernel widens each weight as it reads it, exactly, so every path of a layer gives the bits
+    of the same weights upcast at load: the kernel on 1-3 threads (idle experts, partial tiles,
+    skipped pairs), and large prefills, where torch's matmuls get a widened copy."""
+    g = torch.Generator().manual_seed(hidden + inter)
+    w13 = (torch.randn(6, 2 * inter, hidden, generator=g) / hidden ** 0.5).bfloat16()
+    w2 = (torch.randn(6, hidden, inter, generator=g) / inter ** 0.5).bfloat16()
+    w13f, w2f = w13.float(), w2.float()
+    assert swiglu_kernel.usable(torch.zeros(1, hidden), w13, w2)
+    for tokens in (1, 7, 64):  # decode sizes: the kernel
+        x = torch.randn(tokens, hidden, generator=g)
+        ids = torch.randint(-1, 5, (tokens, 4), generator=g)  # expert 5 idle, some pairs elsewhere
+        weights = torch.rand(tokens, 4, generator=g)
+        want = swiglu_kernel.moe(x, ids, weights, w13f, w2f, max_rows=96)
+        for threads in (1, 2, 3):
+            got = swiglu_kernel.moe(x, ids, weights, w13, w2, max_rows=96, threads=threads)
+            assert torch.equal(got.view(torch.int32), want.view(torch.int32))
+        assert torch.equal(local.grouped_swiglu(x, ids, weights, w13, w2), want)
+    x = torch.randn(200, hidden, generator=g)  # 200 x 4 pairs on 5 experts: beyond the kernel's rows
+    ids = torch.randint(0, 5, (200, 4), generator=g)
+    weights = torch.rand(200, 4, generator=g)
+    assert swiglu_kernel.moe(x, ids, weights, w13, w2, max_rows=96) is None
+    want = local.grouped_swiglu(x, ids, weights, w13f, w2f)
+    assert torch.equal(local.grouped_swiglu(x, ids, weights, w13, w2), want)
+    assert torch.equal(w13.float(), w13f)  # the widened copy was a copy: the weights are as they were
+    with pytest.raises(ValueError, match="must both be float32 or both bfloat16"):
+        swiglu_kernel.moe(x[:4], ids[:4], weights[:4], w13, w2f, max_rows=96)
 
 
 def _torch_combine(y, order, t, k, weights):

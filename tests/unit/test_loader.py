@@ -192,6 +192,24 @@ def test_auto_dtype_is_fp32_on_a_cpu_without_native_bf16(tmp_path, monkeypatch):
     assert load_weights(f32_checkpoint).experts[1].w13.dtype == torch.float32
 
 
+def test_a_bf16_checkpoints_experts_stay_bf16_where_the_cpu_kernel_computes_them_in_fp32(tmp_path):
+    from glm_ray.experts import swiglu_kernel
+
+    if swiglu_kernel.unavailable_reason() is not None:
+        pytest.skip(f"C kernel unavailable: {swiglu_kernel.unavailable_reason()}")
+    d = make_model(tmp_path / "bf16", "tiny", dtype="bfloat16")
+    compact = load_weights(d, dtype="float32", expert_backend="cpu-kernel")
+    assert compact.experts[1].w13.dtype == compact.experts[1].w2.dtype == torch.bfloat16
+    assert compact.experts[1].compute_dtype == torch.float32
+    assert compact.dense["layers.1.self_attn.qkv_proj.weight"].dtype == torch.float32  # only the routed experts
+    upcast = load_weights(d, dtype="float32")  # no backend named: upcast at load, as before
+    assert upcast.experts[1].w13.dtype == torch.float32
+    assert torch.equal(compact.experts[1].w13.float(), upcast.experts[1].w13)
+    assert load_weights(d, dtype="float32", expert_backend="torch").experts[1].w13.dtype == torch.float32
+    f32 = make_model(tmp_path / "f32", "tiny", dtype="float32")
+    assert load_weights(f32, dtype="float32", expert_backend="cpu-kernel").experts[1].w13.dtype == torch.float32
+
+
 @pytest.mark.parametrize("machine, flags, native", [
     ("x86_64", "fpu sse avx2 fma", False),
     ("x86_64", "fpu avx2 avx512f avx512_bf16", True),
