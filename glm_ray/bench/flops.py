@@ -68,10 +68,13 @@ def token_flops(config: ModelConfig, context_len: int) -> dict[str, int]:
     }
 
 
-def step_bytes(config: ModelConfig, contexts: list[int], itemsize: int) -> dict[str, float]:
+def step_bytes(config: ModelConfig, contexts: list[int], itemsize: int,
+               expert_itemsize: int | None = None) -> dict[str, float]:
     """Bytes one decode step must read: every weight it touches once (shared by the batch) plus each
     sequence's KV. Routed experts: the expected number of distinct experts a batch of B tokens hits
-    under uniform routing, E * (1 - (1 - K/E)^B) per layer (all 32 of the small preset at B = 64)."""
+    under uniform routing, E * (1 - (1 - K/E)^B) per layer (all 32 of the small preset at B = 64),
+    at `expert_itemsize` bytes a weight (default itemsize; 2 where a bf16 checkpoint's experts are
+    held in bf16 and computed in fp32, model/loader.py)."""
     c, h = config, config.hidden_size
     num_layers, num_moe, batch = c.num_hidden_layers, len(c.moe_layers), len(contexts)
     expert = 3 * h * c.moe_intermediate_size
@@ -81,7 +84,7 @@ def step_bytes(config: ModelConfig, contexts: list[int], itemsize: int) -> dict[
                                      + (num_layers - num_moe) * 3 * h * c.intermediate_size
                                      + num_moe * c.n_shared_experts * expert + h * c.vocab_size),
         "router": 4 * num_moe * h * c.n_routed_experts,  # kept in fp32
-        "routed_experts": itemsize * num_moe * distinct * expert,
+        "routed_experts": (expert_itemsize or itemsize) * num_moe * distinct * expert,
         "kv_cache": itemsize * 2 * num_layers * c.kv_size * sum(contexts),
     }
 
@@ -151,7 +154,9 @@ def measure_decode_step(model_dir: str | Path, dtype: str = "float32", batch: in
             breakdown[name] = breakdown.get(name, 0) + value
     flops = statistics.mean(per_step)
     first = step_times[0][1]["decode_contexts"]
-    traffic = step_bytes(config, first, engine.dtype.itemsize)
+    held = getattr(engine.experts, "layers", None)  # in-process experts: as held, which may be narrower
+    expert_itemsize = next(iter(held.values())).w13.element_size() if held else None
+    traffic = step_bytes(config, first, engine.dtype.itemsize, expert_itemsize)
     step_s = statistics.median(t for t, _ in step_times)
     run_s = statistics.median(s["run_s"] for _, s in step_times)
     return {

@@ -92,7 +92,7 @@ def torch_grouped_swiglu(hidden_states, local_ids, topk_weights, held, all_held:
     """The `torch` backend: one grouped GEMM per projection where this torch has it for the
     device and dtype, a matmul pair per expert otherwise."""
     w13, w2 = held.w13, held.w2
-    if w13.dtype != hidden_states.dtype:  # held narrower than they compute in (model/loader.py: compact)
+    if w13.dtype != hidden_states.dtype:  # held narrower (model/loader.py keeps that for cpu-kernel only)
         w13, w2 = w13.to(hidden_states.dtype), w2.to(hidden_states.dtype)
     grouped = _grouped_mm_works(hidden_states.device.type, hidden_states.dtype)
     experts = grouped_mm_experts if grouped else looped_experts

@@ -55,8 +55,6 @@ def grouped_swiglu(hidden_states: torch.Tensor, local_ids: torch.Tensor, weights
         if out is not None:
             return out
     t, k = local_ids.shape
-    if w13.dtype != hidden_states.dtype:  # weights held narrower than they compute in: widen for torch's matmuls
-        w13, w2 = upcast_scratch(w13, w2, hidden_states.dtype)
     flat_ids = local_ids.reshape(-1)  # [P]
     order = torch.argsort(flat_ids, stable=True)
     sorted_ids = flat_ids[order]
@@ -64,7 +62,10 @@ def grouped_swiglu(hidden_states: torch.Tensor, local_ids: torch.Tensor, weights
     order, sorted_ids = order[skipped:], sorted_ids[skipped:]
     counts = torch.bincount(sorted_ids, minlength=w13.shape[0])
     x = hidden_states.index_select(0, order // k)  # [P', H], grouped by expert (4x faster than x[idx] on CPU)
-    y = _experts_path(counts)(x, counts, w13, w2)
+    if w13.dtype != hidden_states.dtype:  # held narrower than they compute in: torch's matmuls on widened copies
+        y = _widened_experts(_experts_path(counts), x, counts, w13, w2, hidden_states.dtype)
+    else:
+        y = _experts_path(counts)(x, counts, w13, w2)
     if use_kernel and swiglu_kernel.combine_matches_torch(k, hidden_states.shape[1]):  # the rest in one C pass
         return swiglu_kernel.combine(y, order, t, k, weights, threads=kernel_threads)
     # un-sort with one row scatter, then add each token's K pairs (no index_add_, which is slow on CPU)
@@ -73,20 +74,54 @@ def grouped_swiglu(hidden_states: torch.Tensor, local_ids: torch.Tensor, weights
     return pairs.view(t, k, -1).sum(dim=1)
 
 
+WIDEN_BYTES = 256 << 20  # widened weights at a time, per thread (a buffer it keeps and reuses)
 _scratch = threading.local()
 
 
-def upcast_scratch(w13: torch.Tensor, w2: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """w13 and w2 in `dtype`, in buffers this thread reuses from call to call (one layer's worth:
-    a fresh allocation costs ~8x the copy on CPU, in page faults). For torch's matmuls where the
-    weights are held in bf16 and compute in fp32 (large prefills); the copy is exact."""
-    want = [(tuple(w.shape), dtype, w.device) for w in (w13, w2)]
-    held = getattr(_scratch, "buffers", None)
-    if held is None or [(tuple(b.shape), b.dtype, b.device) for b in held] != want:
-        held = _scratch.buffers = [torch.empty(w.shape, dtype=dtype, device=w.device) for w in (w13, w2)]
-    held[0].copy_(w13)
-    held[1].copy_(w2)
-    return held[0], held[1]
+def _widened_experts(run, x, counts, w13, w2, dtype: torch.dtype) -> torch.Tensor:
+    """`run(x, counts, w13, w2)` (a torch path: each expert's rows through its own matmuls) over
+    weights held in bf16 that compute in `dtype`: the experts that have rows, widened (exactly) a
+    chunk of at most WIDEN_BYTES at a time into a buffer this thread reuses (a fresh one costs ~8x
+    the copy on CPU, in page faults), so neither idle experts nor a whole layer of a large model
+    are copied. Each expert's rows meet the same matmul as with weights held in `dtype`: the same
+    bits (the chunks split between experts, never inside one)."""
+    active = torch.nonzero(counts).flatten().tolist()
+    per_expert = (w13[0].numel() + w2[0].numel()) * dtype.itemsize
+    chunk = max(1, WIDEN_BYTES // per_expert)
+    ys, row = [], 0
+    for start in range(0, len(active), chunk):
+        ids = active[start:start + chunk]
+        b13, b2 = _widen_buffers(len(ids), w13.shape[1:], w2.shape[1:], dtype, w13.device)
+        j = 0
+        for first, last in _runs(ids):  # a copy per run of consecutive experts
+            b13[j:j + last - first].copy_(w13[first:last])
+            b2[j:j + last - first].copy_(w2[first:last])
+            j += last - first
+        c = counts[ids]
+        n = int(c.sum())
+        ys.append(run(x[row:row + n], c, b13, b2))
+        row += n
+    return ys[0] if len(ys) == 1 else torch.cat(ys) if ys else x.new_zeros(0, w2.shape[1])
+
+
+def _runs(ids: list[int]):
+    """(first, last + 1) of each run of consecutive ids, in order."""
+    start = 0
+    for i in range(1, len(ids) + 1):
+        if i == len(ids) or ids[i] != ids[i - 1] + 1:
+            yield ids[start], ids[i - 1] + 1
+            start = i
+
+
+def _widen_buffers(n: int, shape13, shape2, dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """[n, *shape13] and [n, *shape2] views of this thread's reused buffers (grown when too small)."""
+    need = n * (shape13.numel() + shape2.numel())
+    flat = getattr(_scratch, "flat", None)
+    if flat is None or flat.numel() < need or flat.dtype != dtype or flat.device != device:
+        with torch.inference_mode(False):  # a normal tensor: writable in and outside inference mode
+            flat = _scratch.flat = torch.empty(need, dtype=dtype, device=device)
+    return (flat[:n * shape13.numel()].view(n, *shape13),
+            flat[n * shape13.numel():need].view(n, *shape2))
 
 
 _HAS_GROUPED_MM = GROUPED_MM is not None

@@ -281,7 +281,8 @@ def _check_layers(layers: dict[int, ExpertWeights], group: int) -> ExpertWeights
         raise ValueError(f"expert group {group}: no layers to serve")
     first = next(iter(layers.values()))
     for layer, w in layers.items():
-        if w.expert_ids != first.expert_ids or w.w13.dtype != first.w13.dtype or w.w13.shape != first.w13.shape:
+        if (w.expert_ids != first.expert_ids or w.w13.dtype != first.w13.dtype or w.w13.shape != first.w13.shape
+                or w.compute_dtype != first.compute_dtype):
             raise ValueError(f"expert group {group}: layer {layer} holds experts {w.expert_ids} "
                              f"{w.w13.dtype} {list(w.w13.shape)}, layer {next(iter(layers))} holds "
                              f"{first.expert_ids} {first.w13.dtype} {list(first.w13.shape)}; all must match")

@@ -15,7 +15,9 @@
  * The weights may also be held in bf16 (a bf16 checkpoint computed in fp32 on a CPU without bf16
  * matrix instructions): each is widened to fp32 in a register as it is loaded, which is exact, and
  * the arithmetic is the fp32 path's, so the results are the same bits as with the weights upcast
- * at load, for half the memory traffic of a step that is bound by reading the weights.
+ * at load, for half the memory traffic of a step that is bound by reading the weights. The scalar
+ * tails (widths not a multiple of 8; no GLM shape has one) are fused multiply-adds in both, as the
+ * vector steps are (before the bf16 form they were a rounded product, then an add).
  */
 
 #include <math.h>

@@ -137,13 +137,17 @@ def _upcast_copy(src, dst):
 
 
 @pytest.mark.skipif(swiglu_kernel.unavailable_reason() is not None, reason="the routed-expert C kernel is unavailable")
-def test_bf16_checkpoint_keeps_its_experts_in_bf16_with_the_results_of_upcasting_them(tmp_path):
+def test_bf16_checkpoint_keeps_its_experts_in_bf16_with_the_results_of_upcasting_them(tmp_path, monkeypatch):
     """A bf16 checkpoint served in fp32 on CPU holds its routed experts in bf16 (half the memory,
     and of a decode step's weight reads), with the same tokens and bit-identical logprobs as its
     fp32 twin: decode steps through the C kernel, and a 300-token prompt whose prefill gives the
     experts more rows than the kernel takes (torch's matmuls on a widened copy)."""
+    from glm_ray.experts import local
     from glm_ray.model.synthetic import make_model
 
+    widened = []
+    real = local._widened_experts
+    monkeypatch.setattr(local, "_widened_experts", lambda *a: widened.append(a[1].shape[0]) or real(*a))
     bf16 = make_model(tmp_path / "bf16", "tiny", dtype="bfloat16", seed=4)
     twin = _upcast_copy(bf16, tmp_path / "f32")
     prompts = [prompt(n, seed=n) for n in (300, 5, 17, 40)]
@@ -157,6 +161,7 @@ def test_bf16_checkpoint_keeps_its_experts_in_bf16_with_the_results_of_upcasting
     for g, w in zip(compact.generate(prompts, params), upcast.generate(prompts, params)):
         assert g.outputs[0].token_ids == w.outputs[0].token_ids
         assert g.outputs[0].logprobs == w.outputs[0].logprobs and g.prompt_logprobs == w.prompt_logprobs
+    assert widened  # the prefill did reach torch's matmuls on widened weights
     # the torch backend (no C kernel to widen them) holds them upcast
     assert all(w.w13.dtype == torch.float32
                for w in LLM(bf16, dtype="float32", expert_backend="torch").engine.experts.layers.values())

@@ -188,6 +188,9 @@ def test_decode_flops_of_the_small_preset():
     traffic = step_bytes(config, [40] * 64, itemsize=4)
     assert traffic["routed_experts"] == pytest.approx(4 * 7 * 32 * 3 * 512 * 256, rel=1e-3)  # all experts at B=64
     assert traffic["kv_cache"] == 4 * 2 * 8 * 128 * 40 * 64
+    held_bf16 = step_bytes(config, [40] * 64, itemsize=4, expert_itemsize=2)  # a bf16 checkpoint's experts
+    assert held_bf16["routed_experts"] == traffic["routed_experts"] / 2
+    assert held_bf16["dense_weights"] == traffic["dense_weights"] and held_bf16["kv_cache"] == traffic["kv_cache"]
 
 
 def test_bench_writes_a_sane_report(tiny_model_dir, tmp_path):

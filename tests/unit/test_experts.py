@@ -248,6 +248,33 @@ def test_bf16_held_weights_give_the_bits_of_the_same_weights_upcast(hidden, inte
         swiglu_kernel.moe(x[:4], ids[:4], weights[:4], w13, w2f, max_rows=96)
 
 
+@needs_kernel
+def test_large_prefills_widen_only_the_experts_with_rows_a_chunk_at_a_time(monkeypatch):
+    """Beyond the kernel's rows, bf16-held experts reach torch's matmuls widened, a bounded chunk at a
+    time (two experts here) and only those with rows (2 and 5 idle): the bits of the fp32 path."""
+    g = torch.Generator().manual_seed(9)
+    w13 = (torch.randn(7, 2 * I, H, generator=g) / H ** 0.5).bfloat16()
+    w2 = (torch.randn(7, H, I, generator=g) / I ** 0.5).bfloat16()
+    x = torch.randn(250, H, generator=g)  # 250 x 3 pairs on 5 experts: beyond the kernel's 96 rows
+    ids = torch.tensor([0, 1, 3, 4, 6])[torch.randint(0, 5, (250, 3), generator=g)]
+    ids[::7, 1] = -1  # some pairs computed elsewhere
+    weights = torch.rand(250, 3, generator=g)
+    want = local.grouped_swiglu(x, ids, weights, w13.float(), w2.float())
+    widened = []
+    real = local._widen_buffers
+    monkeypatch.setattr(local, "_widen_buffers", lambda n, *a: widened.append(n) or real(n, *a))
+    monkeypatch.setattr(local, "WIDEN_BYTES", 2 * 3 * H * I * 4)  # two experts' fp32 weights
+    monkeypatch.setattr(local._scratch, "flat", None, raising=False)  # this thread's buffer made anew here
+    assert torch.equal(local.grouped_swiglu(x, ids, weights, w13, w2), want)
+    assert widened == [2, 2, 1]  # experts 0 1 | 3 4 | 6
+    with torch.inference_mode():  # the buffer, made outside inference mode, serves inside it, and back
+        assert torch.equal(local.grouped_swiglu(x, ids, weights, w13, w2), want)
+    monkeypatch.setattr(local, "WIDEN_BYTES", 4 * 3 * H * I * 4)
+    with torch.inference_mode():  # grown inside inference mode, it serves outside
+        assert torch.equal(local.grouped_swiglu(x, ids, weights, w13, w2), want)
+    assert torch.equal(local.grouped_swiglu(x, ids, weights, w13, w2), want)
+
+
 def _torch_combine(y, order, t, k, weights):
     """The torch ops the C combine replaces."""
     pairs = torch.zeros(t * k, y.shape[1])
