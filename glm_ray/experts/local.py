@@ -24,7 +24,7 @@ from glm_ray.experts.compute import looped_experts as _looped_experts
 class ExpertWeights:
     """One MoE layer's experts held here: w13 [E, 2I, H] (gate rows then up rows), w2 [E, H, I].
     compute_dtype: the dtype they compute in (default: the weights'); on CPU, bf16 weights may
-    compute in fp32 (`compact` in model/loader.py: widened as read, the same bits as upcast)."""
+    compute in fp32 (model/loader.py `compact_experts`: widened as read, the same bits as upcast)."""
 
     def __init__(self, expert_ids: Iterable[int], w13: torch.Tensor, w2: torch.Tensor, num_experts: int,
                  compute_dtype: torch.dtype | None = None):

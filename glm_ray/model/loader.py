@@ -75,7 +75,8 @@ def compact_experts(compute_dtype: torch.dtype, checkpoint_dtypes: set[str], dev
     the `cpu-kernel` backend, whose C kernel widens each weight as it reads it (exact, so the same
     bits as weights upcast at load) for half the memory, and half the memory traffic of a decode
     step, which reading the experts' weights bounds (BENCHMARKS.md, issue 18). Large prefills take
-    torch's matmuls, which get a widened copy of the layer (experts/local.py)."""
+    torch's matmuls on widened copies of the experts with rows, a bounded chunk at a time
+    (experts/local.py)."""
     from glm_ray.experts import swiglu_kernel
 
     return (backend == "cpu-kernel" and device.type == "cpu" and compute_dtype == torch.float32
