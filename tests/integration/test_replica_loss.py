@@ -37,6 +37,31 @@ def kill(name_part: str) -> None:
     ray.kill(ray.get_actor(actors[0]["name"], namespace=actors[0]["namespace"]), no_restart=True)
 
 
+def attention_sequences(base_url) -> dict[str, float]:
+    """{attention replica id: sequences} as the router last heard from each replica (/metrics)."""
+    metrics = requests.get(f"{base_url}/metrics", timeout=30).text
+    return {line.split('replica="', 1)[1].split('"', 1)[0]: float(line.split()[-1])
+            for line in metrics.splitlines() if line.startswith("glm_ray_attention_sequences{")}
+
+
+def wait_for_attention_replicas(base_url, n, timeout_s=60) -> None:
+    """Until the router knows `n` attention replicas' channels, and the ingress has re-read its
+    table (every second): requests are then spread over all of them."""
+    deadline = time.monotonic() + timeout_s
+    while len(attention_sequences(base_url)) < n and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert len(attention_sequences(base_url)) == n
+    time.sleep(1.5)
+
+
+def kill_busiest_attention_replica(base_url) -> None:
+    """Kill the attention replica the router last saw carrying the most sequences."""
+    deadline = time.monotonic() + 10
+    while not any((load := attention_sequences(base_url)).values()) and time.monotonic() < deadline:
+        time.sleep(0.05)  # replicas report their load every snapshot_refresh_s
+    kill(max(load, key=load.get))
+
+
 def stream_through(base_url, model, prompts, seeded, during):
     """Stream every prompt at once; when each has read a few chunks, call `during()` (the kill).
     Returns ([(text, usage, finish reason)], what during returned, streams unfinished when it ran)."""
@@ -81,8 +106,9 @@ def test_streams_survive_the_loss_of_their_attention_replica(ray_serve, tiny_mod
     deploy(ServeConfig(model=str(tiny_model_dir), expert_groups=0, attention_replicas=2, dtype="float32",
                        kv_cache_memory=32 << 20, max_model_len=1024), ray_serve)
     try:
+        wait_for_attention_replicas(ray_serve, 2)
         got, _, unfinished = stream_through(ray_serve, tiny_model_dir.name, PROMPTS, True,
-                                            lambda: kill("AttentionReplica"))
+                                            lambda: kill_busiest_attention_replica(ray_serve))
         assert unfinished == len(PROMPTS)  # the kill came mid-generation for every stream
         for (text, usage, finish), w, p in zip(got, want, PROMPTS):
             assert text == w.text  # one continuous stream: nothing twice, nothing missing
