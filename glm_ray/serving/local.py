@@ -40,6 +40,17 @@ def proxy_environment(http_proxy: str) -> dict[str, str]:
     return {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "2"}
 
 
+def worker_environment() -> dict[str, str]:
+    """The environment a Ray cluster starts its workers with, for serving: Ray runs worker processes
+    (every replica, and HAProxy, which a replica starts) at nice 15 by default, so its own daemons
+    win the CPU from them; a serving cluster's replicas are its work, and at nice 15 they also lose
+    it to any other process on the node (a client, a sidecar, a shell), on every hand-off between
+    attention replica and expert groups. `RAY_worker_niceness=0` runs them at the priority vLLM's
+    or SGLang's processes have (BENCHMARKS.md, issue 18: served on 2 cores beside another busy
+    process, +6%). A value already in the environment is kept."""
+    return {"RAY_worker_niceness": "0"}
+
+
 def start(cfg, *, ready_timeout_s: float = 300.0, http_proxy: str = "haproxy"):
     """Start Ray (if needed) and Serve, deploy, wait until every expert group has a live replica and an
     attention replica takes requests on its channel (what /health checks). `http_proxy`: what
@@ -59,6 +70,8 @@ def start(cfg, *, ready_timeout_s: float = 300.0, http_proxy: str = "haproxy"):
             # a cluster of our own, on loopback, that lives and dies with this process
             os.environ.setdefault("RAY_AUTH_MODE", "disabled")
             os.environ.update(proxy_environment(http_proxy))
+            for name, value in worker_environment().items():
+                os.environ.setdefault(name, value)
             ray.init(include_dashboard=False, num_cpus=max(os.cpu_count() or 1, 4))
             started_ray = True
     serve.start(http_options=http_options(cfg), grpc_options=grpc_options(cfg))

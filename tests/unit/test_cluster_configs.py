@@ -142,8 +142,11 @@ def test_ray_token_auth_is_on(path):
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
 def test_serve_starts_with_the_haproxy_ingress(path):
     """Every node's Ray starts with Serve's HAProxy ingress on (read when Serve starts): HTTP goes
-    straight to the ingress replicas, as `glm-ray serve` has it locally."""
+    straight to the ingress replicas, as `glm-ray serve` has it locally; and with its workers at
+    normal priority."""
     cfg = load(path)
     for key in ("head_start_ray_commands", "worker_start_ray_commands"):
         starts = [c for c in cfg[key] if "ray start" in c]
         assert starts and all("RAY_SERVE_ENABLE_HA_PROXY=1 " in c.split("ray start")[0] for c in starts), cfg[key]
+        # replicas at normal priority (Ray starts workers at nice 15), as `glm-ray serve` has them
+        assert all("RAY_worker_niceness=0 " in c.split("ray start")[0] for c in starts), cfg[key]

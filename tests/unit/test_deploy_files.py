@@ -108,6 +108,7 @@ def test_kuberay_rayservice():
         for name in ("GLM_RAY_CLUSTER_SECRET", "GLM_RAY_API_KEY"):  # on every pod: Serve builds the app on any
             assert "secretKeyRef" in env[name]["valueFrom"]
         assert env["RAY_SERVE_ENABLE_HA_PROXY"]["value"] == "1"  # Serve's HAProxy ingress on every pod
+        assert env["RAY_worker_niceness"]["value"] == "0"  # replicas at normal priority on every pod
         mounts = {m["mountPath"] for m in containers[0]["volumeMounts"]}
         assert str(Path(cfg.model).parent) in mounts  # the model directory on every pod
     for name, group in groups.items():

@@ -1,6 +1,7 @@
 """`glm-ray serve` and the Ray cluster under it: Ray's token auth off only for the loopback cluster it
 starts for itself, never for a cluster it joins (RAY_ADDRESS); the HTTP proxy it asks for set in the
-environment its own cluster starts with, and left alone on a cluster it joins."""
+environment its own cluster starts with, and left alone on a cluster it joins; so is the priority
+of its own cluster's workers."""
 
 import os
 
@@ -21,12 +22,14 @@ def init_calls(monkeypatch):
 
     def fake_init(*args, **kwargs):
         calls.append({"kwargs": kwargs, "auth_mode": os.environ.get("RAY_AUTH_MODE"),
-                      "ha_proxy": os.environ.get("RAY_SERVE_ENABLE_HA_PROXY")})
+                      "ha_proxy": os.environ.get("RAY_SERVE_ENABLE_HA_PROXY"),
+                      "niceness": os.environ.get("RAY_worker_niceness")})
         raise Stop  # nothing past ray.init is needed here
 
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
     monkeypatch.setattr(ray, "init", fake_init)
-    for name in ("RAY_AUTH_MODE", "RAY_SERVE_ENABLE_HA_PROXY", "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"):
+    for name in ("RAY_AUTH_MODE", "RAY_SERVE_ENABLE_HA_PROXY", "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S",
+                 "RAY_worker_niceness"):
         monkeypatch.delenv(name, raising=False)  # and restored after the test, whatever start() set
     return calls
 
@@ -35,7 +38,8 @@ def test_joining_a_cluster_keeps_its_authentication(init_calls, monkeypatch):
     monkeypatch.setenv("RAY_ADDRESS", "ray://10.0.0.1:10001")
     with pytest.raises(Stop):
         local.start(ServeConfig())
-    assert init_calls == [{"kwargs": {"address": "ray://10.0.0.1:10001"}, "auth_mode": None, "ha_proxy": None}]
+    assert init_calls == [{"kwargs": {"address": "ray://10.0.0.1:10001"}, "auth_mode": None, "ha_proxy": None,
+                           "niceness": None}]
 
 
 def test_its_own_local_cluster_runs_without_ray_tokens(init_calls, monkeypatch):
@@ -51,6 +55,18 @@ def test_its_own_cluster_starts_with_the_http_proxy_asked_for(init_calls, monkey
     with pytest.raises(Stop):
         local.start(ServeConfig(), http_proxy=proxy)
     assert init_calls[0]["ha_proxy"] == flag
+
+
+def test_its_own_cluster_runs_replicas_at_normal_priority_unless_told_otherwise(init_calls, monkeypatch):
+    """Ray's workers run at nice 15 by default; a serving cluster's replicas are its work (the
+    processes' real niceness: tests/e2e/test_readme.py)."""
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    with pytest.raises(Stop):
+        local.start(ServeConfig())
+    monkeypatch.setenv("RAY_worker_niceness", "10")
+    with pytest.raises(Stop):
+        local.start(ServeConfig())
+    assert [c["niceness"] for c in init_calls] == ["0", "10"]
 
 
 def test_an_unknown_http_proxy_is_named(init_calls, monkeypatch):
