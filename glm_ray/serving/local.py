@@ -54,8 +54,9 @@ def worker_environment() -> dict[str, str]:
 def start(cfg, *, ready_timeout_s: float = 300.0, http_proxy: str = "haproxy"):
     """Start Ray (if needed) and Serve, deploy, wait until every expert group has a live replica and an
     attention replica takes requests on its channel (what /health checks). `http_proxy`: what
-    serves HTTP on a cluster this call starts (`proxy_environment`); a running cluster (RAY_ADDRESS,
-    or Ray already initialised) keeps its own. Returns whether this call started the Ray cluster."""
+    serves HTTP on a cluster this call starts (`proxy_environment`), whose workers run at normal
+    priority (`worker_environment`); a running cluster (RAY_ADDRESS, or Ray already initialised)
+    keeps its own settings. Returns whether this call started the Ray cluster."""
     import ray
     from ray import serve
 
