@@ -284,8 +284,9 @@ def _check_layers(layers: dict[int, ExpertWeights], group: int) -> ExpertWeights
         if (w.expert_ids != first.expert_ids or w.w13.dtype != first.w13.dtype or w.w13.shape != first.w13.shape
                 or w.compute_dtype != first.compute_dtype):
             raise ValueError(f"expert group {group}: layer {layer} holds experts {w.expert_ids} "
-                             f"{w.w13.dtype} {list(w.w13.shape)}, layer {next(iter(layers))} holds "
-                             f"{first.expert_ids} {first.w13.dtype} {list(first.w13.shape)}; all must match")
+                             f"{w.w13.dtype} {list(w.w13.shape)} computed in {w.compute_dtype}, layer "
+                             f"{next(iter(layers))} holds {first.expert_ids} {first.w13.dtype} "
+                             f"{list(first.w13.shape)} computed in {first.compute_dtype}; all must match")
     return first
 
 

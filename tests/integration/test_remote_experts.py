@@ -425,6 +425,19 @@ def test_retire_keeps_what_the_router_lists_and_never_nothing(tiny_model_dir):
     assert server.retire({7}) == [] and list(server.versions) == [1]  # a list naming nothing held keeps what is here
 
 
+def test_a_server_refuses_layers_that_compute_in_different_dtypes(tiny_model_dir):
+    """One layer's bf16 experts computing in fp32 beside another's computing in bf16: refused, and
+    the message names both compute dtypes (the held dtype and shape being the same)."""
+    from glm_ray.experts.local import ExpertWeights
+
+    held = load_weights(tiny_model_dir, dtype="bfloat16", dense=False, expert_ids=[0, 1]).experts
+    first, second = list(held)[:2]
+    mixed = {first: held[first], second: ExpertWeights(held[second].expert_ids, held[second].w13, held[second].w2,
+                                                       len(held[second].slot), compute_dtype=torch.float32)}
+    with pytest.raises(ValueError, match=r"computed in torch.float32, .* computed in torch.bfloat16; all must match"):
+        ExpertServer(mixed, 0)
+
+
 def test_channels_to_replicas_that_left_the_table_are_closed(loop, tiny_model_dir, config, monkeypatch):
     import glm_ray.experts.remote as remote_module
 
